@@ -1,0 +1,56 @@
+"""NFTConfig validation: every bad value fails at construction with a message naming the field."""
+
+import pytest
+
+from trl_nft import NFTConfig
+
+
+def test_defaults_follow_the_released_code(tmp_path):
+    config = NFTConfig(output_dir=str(tmp_path))
+    assert (config.learning_rate, config.weight_decay, config.max_grad_norm) == (3e-4, 1e-4, 1.0)
+    assert (config.lora_r, config.lora_alpha, config.beta, config.kl_coef) == (32, 64, 1.0, 1e-4)
+    assert (config.num_inference_steps, config.guidance_scale, config.max_sequence_length) == (10, 1.0, 128)
+    assert (config.scale_rewards, config.advantage_clip, config.loss_type) == ("batch", 5.0, "x0_adaptive")
+    assert config.train_timestep_fraction == 0.99
+    assert config.lr_scheduler_type == "constant"
+    assert config.sampler == "DPMSolverMultistepScheduler"
+
+
+def test_sampler_kwargs_accept_json_from_the_command_line(tmp_path):
+    config = NFTConfig(output_dir=str(tmp_path), sampler_kwargs='{"solver_order": 1}')
+    assert config.sampler_kwargs == {"solver_order": 1}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"num_generations": 1}, "num_generations"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"guidance_scale": 0.5}, "guidance_scale"),
+        ({"resolution": -64}, "resolution"),
+        ({"scale_rewards": "global-ish"}, "scale_rewards"),
+        ({"advantage_clip": 0.0}, "advantage_clip"),
+        ({"beta": 0.0}, "beta"),
+        ({"kl_coef": -1.0}, "kl_coef"),
+        ({"loss_type": "l1"}, "loss_type"),
+        ({"train_timestep_fraction": 0.0}, "train_timestep_fraction"),
+        ({"old_policy_decay_schedule": "cosine"}, "old_policy_decay_schedule"),
+        ({"old_policy_decay_max": 1.0}, "old_policy_decay_max"),
+        ({"old_policy_decay_rate": -0.1}, "old_policy_decay_rate"),
+        ({"old_policy_decay_delay": -1}, "old_policy_decay_delay"),
+        ({"lora_r": 0}, "lora_r"),
+    ],
+)
+def test_invalid_values_name_their_field(tmp_path, overrides, field):
+    with pytest.raises(ValueError, match=field):
+        NFTConfig(output_dir=str(tmp_path), **overrides)
+
+
+def test_batch_must_divide_into_groups(tmp_path):
+    with pytest.raises(ValueError, match="num_generations=3"):
+        NFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=3)
+    # Gradient accumulation counts: 2 x 3 = 6 images form two groups of 3.
+    config = NFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=3, num_generations=3
+    )
+    assert (config.images_per_step, config.prompts_per_step) == (6, 2)

@@ -1,0 +1,177 @@
+"""The DiffusionNFT objective against independent computations."""
+
+import numpy as np
+import pytest
+import torch
+
+from trl_nft.objective import (
+    forward_process,
+    group_advantages,
+    nft_loss,
+    old_policy_decay,
+    optimality_probability,
+    soft_update_,
+)
+
+
+def _batch(seed=0, batch=4, shape=(3, 4, 4)):
+    g = torch.Generator().manual_seed(seed)
+    clean = torch.randn(batch, *shape, generator=g, dtype=torch.float64)
+    noise = torch.randn(batch, *shape, generator=g, dtype=torch.float64)
+    sigmas = torch.rand(batch, generator=g, dtype=torch.float64) * 0.9 + 0.05
+    old = torch.randn(batch, *shape, generator=g, dtype=torch.float64)
+    noisy, target = forward_process(clean, noise, sigmas)
+    return clean, noise, sigmas, old, noisy, target
+
+
+def test_forward_process_is_linear_interpolation():
+    clean, noise, sigmas, _, noisy, target = _batch()
+    t = sigmas.view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, (1 - t) * clean + t * noise)
+    torch.testing.assert_close(target, noise - clean)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.1, 0.5])
+def test_velocity_loss_gradient_vanishes_at_per_sample_optimum(beta):
+    clean, noise, sigmas, old, noisy, target = _batch()
+    r = torch.tensor([0.0, 0.3, 0.5, 1.0], dtype=torch.float64)
+    optimum = old + (2 * r - 1).view(-1, 1, 1, 1) * (target - old) / beta
+    policy = optimum.clone().requires_grad_(True)
+    loss = nft_loss(policy, old, noisy, clean, noise, sigmas, r, beta=beta, loss_type="velocity").loss
+    (grad,) = torch.autograd.grad(loss, policy)
+    assert grad.abs().max() < 1e-12
+
+    # Anywhere else the gradient does not vanish.
+    policy = (optimum + 0.1).requires_grad_(True)
+    loss = nft_loss(policy, old, noisy, clean, noise, sigmas, r, beta=beta, loss_type="velocity").loss
+    (grad,) = torch.autograd.grad(loss, policy)
+    assert grad.abs().max() > 1e-7
+
+
+def test_velocity_loss_matches_paper_formula():
+    clean, noise, sigmas, old, noisy, target = _batch()
+    policy = torch.randn_like(old)
+    r, beta = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=torch.float64), 0.7
+    v_pos = (1 - beta) * old + beta * policy
+    v_neg = (1 + beta) * old - beta * policy
+    expected = np.mean(
+        [
+            r[i].item() * ((v_pos[i] - target[i]) ** 2).mean().item()
+            + (1 - r[i].item()) * ((v_neg[i] - target[i]) ** 2).mean().item()
+            for i in range(4)
+        ]
+    )
+    loss = nft_loss(policy, old, noisy, clean, noise, sigmas, r, beta=beta, loss_type="velocity")
+    assert loss.loss.item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_x0_adaptive_loss_matches_released_formula():
+    # An independent numpy transcription of the released code's loss.
+    clean, noise, sigmas, old, noisy, _ = _batch(seed=1)
+    policy = torch.randn_like(old)
+    r, beta, a_max = np.array([0.2, 0.5, 0.7, 1.0]), 0.3, 5.0
+    x, xt, vo, vp, t = clean.numpy(), noisy.numpy(), old.numpy(), policy.numpy(), sigmas.numpy()[:, None, None, None]
+
+    def branch(velocity):
+        x0 = xt - t * velocity
+        weight = np.maximum(np.abs(x0 - x).mean(axis=(1, 2, 3)), 1e-5)
+        return ((x0 - x) ** 2).mean(axis=(1, 2, 3)) / weight
+
+    positive = branch((1 - beta) * vo + beta * vp)
+    negative = branch((1 + beta) * vo - beta * vp)
+    expected = np.mean(a_max * (r * positive + (1 - r) * negative) / beta)
+    loss = nft_loss(policy, old, noisy, clean, noise, sigmas, torch.from_numpy(r), beta=beta, advantage_clip=a_max)
+    assert loss.loss.item() == pytest.approx(expected, rel=1e-10)
+    assert loss.positive.item() == pytest.approx(positive.mean(), rel=1e-10)
+    assert loss.negative.item() == pytest.approx(negative.mean(), rel=1e-10)
+
+
+@pytest.mark.parametrize("loss_type", ["velocity", "x0_adaptive"])
+def test_r_one_pulls_toward_target_and_r_zero_pushes_away(loss_type):
+    clean, noise, sigmas, old, noisy, target = _batch(seed=2)
+
+    def distance_after_descent(r_value):
+        policy = old.clone().requires_grad_(True)  # start at the old policy, as the soft update leaves it
+        optimizer = torch.optim.Adam([policy], lr=0.05)
+        r = torch.full((4,), r_value, dtype=torch.float64)
+        for _ in range(30):
+            optimizer.zero_grad()
+            nft_loss(policy, old, noisy, clean, noise, sigmas, r, beta=1.0, loss_type=loss_type).loss.backward()
+            optimizer.step()
+        return (policy.detach() - target).pow(2).mean().item()
+
+    start = (old - target).pow(2).mean().item()
+    assert distance_after_descent(1.0) < 0.8 * start
+    assert distance_after_descent(0.0) > 1.2 * start
+
+
+def test_kl_term_is_mean_squared_difference_to_reference():
+    clean, noise, sigmas, old, noisy, _ = _batch()
+    policy, reference = torch.randn_like(old), torch.randn_like(old)
+    r = torch.full((4,), 0.5, dtype=torch.float64)
+    without = nft_loss(policy, old, noisy, clean, noise, sigmas, r)
+    with_kl = nft_loss(policy, old, noisy, clean, noise, sigmas, r, reference_velocity=reference, kl_coef=0.01)
+    kl = ((policy - reference) ** 2).mean().item()
+    assert with_kl.kl.item() == pytest.approx(kl)
+    assert with_kl.loss.item() == pytest.approx(without.loss.item() + 0.01 * kl)
+    with pytest.raises(ValueError, match="reference_velocity"):
+        nft_loss(policy, old, noisy, clean, noise, sigmas, r, kl_coef=0.01)
+
+
+def test_zero_variance_group_gives_one_half():
+    rewards = torch.tensor([2.0, 2.0, 2.0, 2.0, 0.0, 1.0, 3.0, 4.0])
+    for scale in ("batch", "group", "none"):
+        r = optimality_probability(group_advantages(rewards, 4, scale))
+        assert torch.all(r[:4] == 0.5)
+        assert not torch.all(r[4:] == 0.5)
+
+
+def test_batch_and_group_std_differ_as_they_should():
+    rewards = np.array([0.0, 1.0, 2.0, 3.0, 10.0, 20.0, 30.0, 40.0])
+    groups = rewards.reshape(2, 4)
+    centered = groups - groups.mean(axis=1, keepdims=True)
+    expected_batch = centered / (rewards.std() + 1e-4)
+    expected_group = centered / (groups.std(axis=1, keepdims=True) + 1e-4)
+    batch = group_advantages(torch.tensor(rewards), 4, "batch").numpy().reshape(2, 4)
+    group = group_advantages(torch.tensor(rewards), 4, "group").numpy().reshape(2, 4)
+    np.testing.assert_allclose(batch, expected_batch, rtol=1e-12)
+    np.testing.assert_allclose(group, expected_group, rtol=1e-12)
+    # Per-group scaling gives both groups the same advantages; the global std keeps the second group's larger spread.
+    np.testing.assert_allclose(group[0], group[1], rtol=1e-3)  # equal up to the 1e-4 in Z + eps
+    assert np.abs(batch[1]).max() == pytest.approx(10 * np.abs(batch[0]).max())
+    np.testing.assert_allclose(group_advantages(torch.tensor(rewards), 4, "none").numpy().reshape(2, 4), centered)
+
+
+def test_optimality_probability_clips_at_advantage_clip():
+    advantages = torch.tensor([-10.0, -5.0, -2.5, 0.0, 2.5, 5.0, 10.0])
+    r = optimality_probability(advantages, advantage_clip=5.0)
+    torch.testing.assert_close(r, torch.tensor([0.0, 0.0, 0.25, 0.5, 0.75, 1.0, 1.0]))
+
+
+def test_group_advantages_rejects_partial_groups():
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(torch.zeros(6), 4)
+    with pytest.raises(ValueError, match="scale"):
+        group_advantages(torch.zeros(8), 4, "global-ish")
+
+
+def test_old_policy_decay_schedules():
+    assert [old_policy_decay(i) for i in (0, 1, 250, 500, 10_000)] == [0.0, 0.001, 0.25, 0.5, 0.5]
+    assert old_policy_decay(7, "on_policy") == 0.0
+    assert old_policy_decay(7, "constant", maximum=0.9) == 0.9
+    ocr = dict(rate=0.0075, maximum=0.999, delay=75)
+    assert old_policy_decay(74, **ocr) == 0.0
+    assert old_policy_decay(75, **ocr) == 0.0
+    assert old_policy_decay(175, **ocr) == pytest.approx(0.75)
+    assert old_policy_decay(1000, **ocr) == 0.999
+    with pytest.raises(ValueError, match="schedule"):
+        old_policy_decay(1, "cosine")
+
+
+def test_soft_update_is_an_ema():
+    old, new = [torch.zeros(3), torch.ones(2)], [torch.ones(3), torch.zeros(2)]
+    soft_update_(old, new, decay=0.75)
+    torch.testing.assert_close(old[0], torch.full((3,), 0.25))
+    torch.testing.assert_close(old[1], torch.full((2,), 0.75))
+    soft_update_(old, new, decay=0.0)
+    torch.testing.assert_close(old[0], new[0])

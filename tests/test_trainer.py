@@ -1,0 +1,286 @@
+"""DiffusionNFTTrainer on the embedded tiny SD3 model: the loop, saving, resuming and bad input."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+from trl_nft import DiffusionNFTTrainer, build_tiny_sd3
+
+
+def test_train_logs_the_documented_metrics(make_config, prompts_dataset):
+    trainer = DiffusionNFTTrainer(
+        "tiny-sd3", "jpeg_incompressibility", args=make_config(), train_dataset=prompts_dataset
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "reward" in entry]
+    assert len(logs) == 2
+    for key in [
+        "loss",
+        "grad_norm",
+        "reward",
+        "reward_std",
+        "rewards/jpeg_incompressibility/mean",
+        "loss/positive",
+        "loss/negative",
+        "loss/kl",
+        "optimality/mean",
+        "frac_reward_zero_std",
+        "old_policy_decay",
+        "rollout/images_per_second",
+        "train/sample_steps_per_second",
+    ]:
+        assert key in logs[0] and math.isfinite(logs[0][key]), key
+    assert [entry["old_policy_decay"] for entry in logs] == [0.001, 0.002]
+
+
+def test_trained_adapter_changes_and_old_adapter_follows_its_schedule(make_config, prompts_dataset):
+    config = make_config(old_policy_decay_schedule="constant", old_policy_decay_max=0.75, max_steps=1)
+    trainer = DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
+    before = [p.detach().clone() for p in trainer._trained_params]
+    trainer.train()
+    after = trainer._trained_params
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    # One step from a shared start: old = 0.75 old + 0.25 new.
+    for old, start, new in zip(trainer._old_params, before, after, strict=True):
+        torch.testing.assert_close(old, 0.75 * start + 0.25 * new.detach())
+
+
+def test_extra_columns_reach_the_reward_functions_aligned_with_prompts(make_config):
+    dataset = Dataset.from_dict({"prompt": [f"prompt {i}" for i in range(8)], "target": list(range(8))})
+    seen = []
+
+    def reward(images, prompts, target, **kwargs):
+        assert all(prompt == f"prompt {value}" for prompt, value in zip(prompts, target, strict=True))
+        seen.append(list(target))
+        return [float(value) for value in target]
+
+    DiffusionNFTTrainer("tiny-sd3", reward, args=make_config(max_steps=1), train_dataset=dataset).train()
+    # The probe scores 2 rows at construction; each rollout scores 4 images of one prompt (num_generations=4).
+    rollout = seen[-1]
+    assert len(rollout) == 4 and len(set(rollout)) == 1
+
+
+def test_weighted_rewards_combine_and_log_per_function(make_config, prompts_dataset):
+    def one(images, prompts, **kwargs):
+        return [1.0] * len(images)
+
+    def two(images, prompts, **kwargs):
+        return [2.0 if i % 2 else None for i in range(len(images))]  # None: not applicable
+
+    config = make_config(max_steps=1, reward_weights=[0.5, 3.0])
+    trainer = DiffusionNFTTrainer("tiny-sd3", [one, two], args=config, train_dataset=prompts_dataset)
+    trainer.train()
+    log = next(entry for entry in trainer.state.log_history if "reward" in entry)
+    assert log["rewards/one/mean"] == 1.0 and log["rewards/two/mean"] == 2.0
+    assert log["reward"] == pytest.approx(0.5 + 0.5 * 6.0)  # half the images get 0.5, half 0.5 + 6
+
+
+@pytest.mark.parametrize(
+    "sampler",
+    ["FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler", FlowMatchEulerDiscreteScheduler(shift=3.0)],
+)
+def test_any_flow_sampler_by_name_or_instance(make_config, prompts_dataset, sampler):
+    trainer = DiffusionNFTTrainer(
+        "tiny-sd3",
+        "jpeg_compressibility",
+        args=make_config(max_steps=1, sampler=sampler),
+        train_dataset=prompts_dataset,
+    )
+    trainer.train()
+    expected = sampler if isinstance(sampler, str) else type(sampler).__name__
+    assert type(trainer.pipeline.scheduler).__name__ == expected
+
+
+def test_default_sampler_is_second_order_dpm_solver_on_flow_sigmas(make_config, prompts_dataset):
+    trainer = DiffusionNFTTrainer(
+        "tiny-sd3", "jpeg_compressibility", args=make_config(), train_dataset=prompts_dataset
+    )
+    config = trainer.pipeline.scheduler.config
+    assert type(trainer.pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert (config.algorithm_type, config.solver_order) == ("dpmsolver++", 2)
+    assert (config.use_flow_sigmas, config.prediction_type, config.flow_shift) == (True, "flow_prediction", 3.0)
+
+
+def test_classifier_free_guidance_rollouts(make_config, prompts_dataset):
+    trainer = DiffusionNFTTrainer(
+        "tiny-sd3",
+        "jpeg_compressibility",
+        args=make_config(max_steps=1, guidance_scale=3.0),
+        train_dataset=prompts_dataset,
+    )
+    trainer.train()
+    assert trainer.state.global_step == 1
+
+
+def test_prompt_embeddings_are_not_recomputed_while_training(make_config, prompts_dataset, monkeypatch):
+    trainer = DiffusionNFTTrainer(
+        "tiny-sd3", "jpeg_compressibility", args=make_config(), train_dataset=prompts_dataset
+    )
+    calls = []
+    for encoder in trainer.adapter.text_encoders:
+        encoder.register_forward_hook(lambda *args: calls.append(1))
+    original = trainer._generate_and_score
+
+    def count_rollouts(rows):
+        count_rollouts.encoder_calls_before = len(calls)
+        return original(rows)
+
+    monkeypatch.setattr(trainer, "_generate_and_score", count_rollouts)
+    trainer.train()
+    # SD3 has three text encoders, each run once per rollout (two rollouts), never in the training step.
+    assert len(calls) == 3 * 2
+
+
+def test_full_fine_tuning_uses_an_ema_old_policy(make_config, prompts_dataset, tmp_path):
+    config = make_config(use_peft=False, max_steps=1, kl_coef=1e-2, learning_rate=1e-4)
+    trainer = DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
+    start = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train()
+    trained = list(trainer.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(trained, start, strict=True))
+    for old, first, new in zip(trainer.old_model.parameters(), start, trained, strict=True):
+        torch.testing.assert_close(old, 0.001 * first + 0.999 * new.detach())
+    for ref, first in zip(trainer.ref_model.parameters(), start, strict=True):
+        assert torch.equal(ref, first)
+    trainer.save_model(str(tmp_path / "full"))
+    loaded = SD3Transformer2DModel.from_pretrained(str(tmp_path / "full"), subfolder="transformer")
+    for a, b in zip(loaded.parameters(), trained, strict=True):
+        assert torch.equal(a, b.detach())
+
+
+def _policy_images(pipeline, prompts, seed=123):
+    generator = torch.Generator().manual_seed(seed)
+    return pipeline(
+        prompts,
+        num_inference_steps=4,
+        guidance_scale=1.0,
+        generator=generator,
+        output_type="np",
+        max_sequence_length=128,
+    ).images
+
+
+def test_saved_lora_reproduces_the_trained_policy_in_a_fresh_pipeline(make_config, prompts_dataset, tmp_path):
+    trainer = DiffusionNFTTrainer(
+        "tiny-sd3", "jpeg_incompressibility", args=make_config(learning_rate=1e-2), train_dataset=prompts_dataset
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "lora"))
+    prompts = ["a photo of object number 3", "something else"]
+    expected = _policy_images(trainer.pipeline, prompts)
+
+    fresh = build_tiny_sd3()
+    fresh.scheduler = trainer.pipeline.scheduler.__class__.from_config(trainer.pipeline.scheduler.config)
+    fresh.set_progress_bar_config(disable=True)
+    base = _policy_images(fresh, prompts)
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    loaded = _policy_images(fresh, prompts)
+    assert np.abs(loaded - base).max() > 1e-3, "training should have changed the policy"
+    assert np.abs(loaded - expected).max() <= 1e-4
+
+
+def _lora_weights(trainer):
+    return [p.detach().clone() for p in trainer._trained_params + trainer._old_params]
+
+
+def test_resume_matches_an_uninterrupted_run(make_config, prompts_dataset, tmp_path):
+    common = dict(save_strategy="steps", save_steps=2, learning_rate=1e-2, gradient_accumulation_steps=2)
+    full = make_config(output_dir=str(tmp_path / "full"), max_steps=4, **common)
+    uninterrupted = DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=full, train_dataset=prompts_dataset)
+    uninterrupted.train()
+
+    first = make_config(output_dir=str(tmp_path / "parts"), max_steps=2, **common)
+    DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=first, train_dataset=prompts_dataset).train()
+    second = make_config(output_dir=str(tmp_path / "parts"), max_steps=4, **common)
+    resumed = DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=second, train_dataset=prompts_dataset)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "parts" / "checkpoint-2"))
+
+    assert resumed.state.global_step == 4
+    for a, b in zip(_lora_weights(resumed), _lora_weights(uninterrupted), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluate_uses_the_same_noise_every_time(make_config, prompts_dataset):
+    trainer = DiffusionNFTTrainer(
+        "tiny-sd3",
+        "jpeg_incompressibility",
+        args=make_config(),
+        train_dataset=prompts_dataset,
+        eval_dataset=prompts_dataset.select(range(3)),
+    )
+    first, second = trainer.evaluate(), trainer.evaluate()
+    assert first["eval_reward"] == second["eval_reward"]
+    assert {"eval_reward", "eval_rewards/jpeg_incompressibility/mean"} <= set(first)
+
+
+# ---------------------------------------------------------------- bad input: clear errors before any rollout
+
+
+def _trainer(make_config, dataset, reward="jpeg_compressibility", **overrides):
+    return DiffusionNFTTrainer("tiny-sd3", reward, args=make_config(**overrides), train_dataset=dataset)
+
+
+def test_empty_dataset(make_config):
+    with pytest.raises(ValueError, match="train_dataset is empty"):
+        _trainer(make_config, Dataset.from_dict({"prompt": []}))
+
+
+def test_missing_prompt_column(make_config):
+    with pytest.raises(ValueError, match=r"no 'prompt' column \(columns: \['text'\]\)"):
+        _trainer(make_config, Dataset.from_dict({"text": ["a", "b"]}))
+
+
+def test_dataset_smaller_than_one_step(make_config):
+    dataset = Dataset.from_dict({"prompt": ["only one"]})
+    with pytest.raises(ValueError, match="needs 2"):
+        _trainer(make_config, dataset, per_device_train_batch_size=8)
+
+
+def test_unknown_reward_name_lists_the_known_ones(make_config, prompts_dataset):
+    with pytest.raises(ValueError, match="Unknown reward 'aesthetics'.*jpeg_compressibility, jpeg_incompressibility"):
+        _trainer(make_config, prompts_dataset, reward="aesthetics")
+
+
+def test_reward_of_the_wrong_length_is_named(make_config, prompts_dataset):
+    def short_reward(images, prompts, **kwargs):
+        return [1.0]
+
+    with pytest.raises(ValueError, match="'short_reward' returned 1 values for 2 images"):
+        _trainer(make_config, prompts_dataset, reward=short_reward)
+
+
+def test_nan_reward_is_named(make_config, prompts_dataset):
+    def nan_reward(images, prompts, **kwargs):
+        return [float("nan")] * len(images)
+
+    with pytest.raises(ValueError, match="'nan_reward' returned nan"):
+        _trainer(make_config, prompts_dataset, reward=nan_reward)
+
+
+def test_reward_weights_must_match_the_functions(make_config, prompts_dataset):
+    with pytest.raises(ValueError, match="reward_weights has 2 values for 1 reward functions"):
+        _trainer(make_config, prompts_dataset, reward_weights=[1.0, 2.0])
+
+
+@pytest.mark.parametrize("resolution", [72, 512])
+def test_resolution_the_model_cannot_take(make_config, prompts_dataset, resolution):
+    with pytest.raises(
+        ValueError, match=f"resolution={resolution} cannot be generated.*multiple of 16 .* between 16 and 256"
+    ):
+        _trainer(make_config, prompts_dataset, resolution=resolution)
+
+
+def test_unknown_or_non_flow_sampler(make_config, prompts_dataset):
+    with pytest.raises(ValueError, match="not a diffusers scheduler class"):
+        _trainer(make_config, prompts_dataset, sampler="Euler")
+    with pytest.raises(ValueError, match="cannot sample a rectified-flow model"):
+        _trainer(make_config, prompts_dataset, sampler="DDPMScheduler")
+
+
+def test_unsupported_pipeline_is_named(make_config, prompts_dataset):
+    with pytest.raises(ValueError, match="model='not-a-model' is neither"):
+        DiffusionNFTTrainer("not-a-model", "jpeg_compressibility", args=make_config(), train_dataset=prompts_dataset)

@@ -1,0 +1,123 @@
+"""The embedded default model: a tiny random-weight SD3 pipeline built entirely offline.
+
+Nothing here touches the network: the tokenizers are built from an in-memory vocabulary and every module from a
+config, so `DiffusionNFTTrainer(model="tiny-sd3", ...)` works on a fresh machine without a Hub cache. The pipeline is
+a real `StableDiffusion3Pipeline` (real CLIP and T5 encoders, a real `SD3Transformer2DModel` and `AutoencoderKL`), only
+very small; weights are a deterministic function of `seed`.
+"""
+
+import string
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+
+TINY_SD3_RESOLUTION = 64
+_CHARACTERS = string.ascii_lowercase + string.digits + string.punctuation
+
+
+def _clip_tokenizer() -> CLIPTokenizer:
+    # Byte-level BPE with no merges: every word becomes its characters, the last one marked with "</w>".
+    special = ["<|startoftext|>", "<|endoftext|>"]
+    pieces = special + list(_CHARACTERS) + [c + "</w>" for c in _CHARACTERS]
+    vocab = {piece: i for i, piece in enumerate(pieces)}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def _t5_tokenizer() -> T5Tokenizer:
+    # Unigram vocabulary of single characters (with and without the word-start marker "▁").
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(c, -3.0) for c in _CHARACTERS] + [("▁" + c, -2.5) for c in _CHARACTERS]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
+    """Build the tiny SD3 pipeline (64 px, 16 latent channels, VAE scale 8) with weights fixed by `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip_tokenizer = _clip_tokenizer()
+        t5_tokenizer = _t5_tokenizer()
+
+        def clip_encoder():
+            return CLIPTextModelWithProjection(
+                CLIPTextConfig(
+                    vocab_size=len(clip_tokenizer),
+                    hidden_size=32,
+                    intermediate_size=64,
+                    num_attention_heads=4,
+                    num_hidden_layers=2,
+                    projection_dim=32,
+                    max_position_embeddings=77,
+                    bos_token_id=clip_tokenizer.bos_token_id,
+                    eos_token_id=clip_tokenizer.eos_token_id,
+                    pad_token_id=clip_tokenizer.pad_token_id,
+                )
+            )
+
+        text_encoder, text_encoder_2 = clip_encoder(), clip_encoder()
+        text_encoder_3 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer),
+                d_model=64,
+                d_kv=16,
+                d_ff=128,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                pad_token_id=t5_tokenizer.pad_token_id,
+                eos_token_id=t5_tokenizer.eos_token_id,
+                decoder_start_token_id=0,
+            )
+        )
+        transformer = SD3Transformer2DModel(
+            sample_size=TINY_SD3_RESOLUTION // 8,
+            patch_size=2,
+            in_channels=16,
+            num_layers=2,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=64,
+            caption_projection_dim=32,
+            pooled_projection_dim=64,
+            out_channels=16,
+            pos_embed_max_size=16,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=16,
+            norm_num_groups=4,
+            sample_size=TINY_SD3_RESOLUTION,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            scaling_factor=1.5305,
+            shift_factor=0.0609,
+        )
+    pipeline = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tokenizer,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tokenizer,
+    )
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # as `from_pretrained` leaves them: T5's dropout would make prompts random
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -1,0 +1,210 @@
+"""Configuration of the `DiffusionNFTTrainer`."""
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from .objective import DECAY_SCHEDULES, LOSS_TYPES, REWARD_SCALES
+
+
+@dataclass
+class NFTConfig(TrainingArguments):
+    r"""
+    Configuration class for the [`DiffusionNFTTrainer`].
+
+    Only the DiffusionNFT-specific parameters are listed here; see [`~transformers.TrainingArguments`] for the rest.
+    Defaults follow the authors' released code for SD3.5-Medium where it differs from `TrainingArguments`.
+
+    **Batch sizes** follow `GRPOTrainer`: `per_device_train_batch_size` counts *images*. One optimizer step (a paper
+    "iteration") collects `per_device_train_batch_size x num_processes x gradient_accumulation_steps` images, i.e.
+    that number divided by `num_generations` prompts, each sampled `num_generations` times. The paper's iteration of
+    48 prompts x 24 images = 1152 images is, for example, `num_generations=24` with 8 GPUs,
+    `per_device_train_batch_size=8` and `gradient_accumulation_steps=18`.
+
+    > Parameters that control the model and the rollouts
+
+    num_generations (`int`, *optional*, defaults to `8`):
+        Group size `K`: images sampled per prompt. Advantages are computed within each group. The paper uses 24.
+    num_inference_steps (`int`, *optional*, defaults to `10`):
+        Sampler steps per rollout. The training times are the rollout's own time grid.
+    guidance_scale (`float`, *optional*, defaults to `1.0`):
+        Classifier-free guidance scale of the rollouts. `1.0` samples CFG-free, as DiffusionNFT is designed to.
+    resolution (`int` or `None`, *optional*, defaults to `None`):
+        Side of the square images, in pixels. `None` uses the model's native resolution; the paper uses 512.
+    sampler (`str` or `diffusers.SchedulerMixin`, *optional*, defaults to `"DPMSolverMultistepScheduler"`):
+        Rollout sampler: a diffusers scheduler class name or instance. The default is DPM-Solver++(2M), the 2nd-order
+        deterministic multistep solver of the paper. Non-flow-matching classes are switched to flow sigmas.
+    sampler_kwargs (`dict` or `None`, *optional*, defaults to `None`):
+        Overrides of the sampler's config, e.g. `{"solver_order": 1}` for a 1st-order solver.
+    max_sequence_length (`int`, *optional*, defaults to `128`):
+        Maximum T5 prompt length in tokens (SD3).
+
+    > Parameters that control the rewards
+
+    reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
+        Weight of each reward function in the summed reward. `None` weighs every function `1.0`.
+    scale_rewards (`str`, *optional*, defaults to `"batch"`):
+        Denominator `Z` of the advantage `(R - group mean) / Z`: `"batch"` is the std of all rewards of the iteration
+        across all processes (the released code's global std), `"group"` each group's std, `"none"` no scaling.
+    advantage_clip (`float`, *optional*, defaults to `5.0`):
+        `A_max` in `r = 0.5 + 0.5 clip(A / A_max, -1, 1)`; advantages beyond it saturate `r` at 0 or 1.
+
+    > Parameters that control the NFT update
+
+    beta (`float`, *optional*, defaults to `1.0`):
+        NFT strength: the implicit policies are `v_old ± beta (v_theta - v_old)`. Near 1 is stable; the released
+        OCR and multi-reward runs use 0.1, which learns faster.
+    kl_coef (`float`, *optional*, defaults to `1e-4`):
+        Weight of the penalty `mean((v_theta - v_ref)^2)` toward the frozen base model. `0.0` skips the reference
+        forward pass entirely.
+    loss_type (`str`, *optional*, defaults to `"x0_adaptive"`):
+        `"x0_adaptive"`: the released code's x0-space regression with adaptive weighting (stable); `"velocity"`: the
+        paper's plain velocity loss.
+    train_timestep_fraction (`float`, *optional*, defaults to `0.99`):
+        Fraction of the rollout's time grid trained on, a fresh random subset per image (9 of 10 steps by default).
+    old_policy_decay_schedule (`str`, *optional*, defaults to `"linear"`):
+        Decay `eta` of the old-policy update `theta_old <- eta theta_old + (1 - eta) theta` after each optimizer
+        step `i`: `"linear"` is `min(old_policy_decay_rate * (i - old_policy_decay_delay), old_policy_decay_max)`
+        (0 during the delay), `"constant"` is `old_policy_decay_max`, `"on_policy"` is 0.
+    old_policy_decay_rate (`float`, *optional*, defaults to `0.001`):
+        Slope of the linear schedule. The released OCR run uses `0.0075`.
+    old_policy_decay_max (`float`, *optional*, defaults to `0.5`):
+        Ceiling of the linear schedule, and the value of the constant one. The released OCR run uses `0.999`.
+    old_policy_decay_delay (`int`, *optional*, defaults to `0`):
+        Steps during which the linear schedule stays at 0 (fully on-policy). The released OCR run uses `75`.
+
+    > Parameters that control the adapters
+
+    use_peft (`bool`, *optional*, defaults to `True`):
+        Train LoRA adapters (the trained and the old policy are two adapters on one denoiser; the reference is the
+        denoiser with adapters disabled). `False` trains all denoiser weights, with an EMA copy as the old policy.
+        A `peft_config` passed to the trainer takes precedence over the `lora_*` fields.
+    lora_r (`int`, *optional*, defaults to `32`):
+        LoRA rank.
+    lora_alpha (`int`, *optional*, defaults to `64`):
+        LoRA alpha.
+    lora_dropout (`float`, *optional*, defaults to `0.0`):
+        LoRA dropout.
+    lora_target_modules (`list[str]` or `None`, *optional*, defaults to `None`):
+        Modules LoRA adapts. `None` uses the model family's default (for SD3, the attention projections of the
+        released code).
+    """
+
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["sampler_kwargs"]
+
+    # Overridden TrainingArguments defaults (released-code settings; "iteration" = one optimizer step).
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    lr_scheduler_type: str = field(
+        default="constant", metadata={"help": "Learning-rate schedule (none in the paper)."}
+    )
+    logging_steps: float = field(default=1, metadata={"help": "Log every X optimizer steps."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep every dataset column: they reach the reward functions."}
+    )
+    dataloader_pin_memory: bool = field(
+        default=False, metadata={"help": "Pin dataloader memory (the batches here are prompts: nothing to pin)."}
+    )
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision (frozen weights stored in bf16). `None`: on when CUDA is available."},
+    )
+
+    # Model and rollouts
+    num_generations: int = field(default=8, metadata={"help": "Images sampled per prompt (group size K)."})
+    num_inference_steps: int = field(default=10, metadata={"help": "Sampler steps per rollout."})
+    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale of the rollouts; 1.0 is CFG-free."})
+    resolution: int | None = field(default=None, metadata={"help": "Image side in pixels; None: the model's own."})
+    sampler: str = field(
+        default="DPMSolverMultistepScheduler",
+        metadata={"help": "Rollout sampler: a diffusers scheduler class name (or an instance, from Python)."},
+    )
+    sampler_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Overrides of the sampler config, e.g. '{\"solver_order\": 1}'."}
+    )
+    max_sequence_length: int = field(default=128, metadata={"help": "Maximum T5 prompt length in tokens."})
+
+    # Rewards
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weight of each reward function; None weighs all 1.0."}
+    )
+    scale_rewards: str = field(
+        default="batch", metadata={"help": "Advantage scale: 'batch' (global std), 'group' (group std) or 'none'."}
+    )
+    advantage_clip: float = field(default=5.0, metadata={"help": "A_max in r = 0.5 + 0.5 clip(A / A_max, -1, 1)."})
+
+    # NFT update
+    beta: float = field(default=1.0, metadata={"help": "NFT strength beta of the implicit policies."})
+    kl_coef: float = field(default=1e-4, metadata={"help": "Weight of the penalty toward the base model (0: off)."})
+    loss_type: str = field(default="x0_adaptive", metadata={"help": "'x0_adaptive' (released code) or 'velocity'."})
+    train_timestep_fraction: float = field(
+        default=0.99, metadata={"help": "Fraction of the rollout's time grid trained on per image."}
+    )
+    old_policy_decay_schedule: str = field(
+        default="linear", metadata={"help": "Old-policy decay schedule: 'linear', 'constant' or 'on_policy'."}
+    )
+    old_policy_decay_rate: float = field(default=0.001, metadata={"help": "Slope of the linear decay schedule."})
+    old_policy_decay_max: float = field(default=0.5, metadata={"help": "Ceiling (linear) or value (constant)."})
+    old_policy_decay_delay: int = field(default=0, metadata={"help": "Steps at decay 0 before the linear ramp."})
+
+    # Adapters
+    use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (False: full fine-tuning)."})
+    lora_r: int = field(default=32, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=64, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules LoRA adapts; None: the model family's default."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None:
+            self.bf16 = torch.cuda.is_available() and not self.fp16
+        super().__post_init__()
+
+        def check(condition: bool, field_name: str, requirement: str) -> None:
+            if not condition:
+                raise ValueError(f"{field_name}={getattr(self, field_name)!r} is invalid: {requirement}.")
+
+        check(self.num_generations >= 2, "num_generations", "a group needs at least 2 images to compare")
+        check(self.num_inference_steps >= 1, "num_inference_steps", "it must be at least 1")
+        check(self.guidance_scale >= 1.0, "guidance_scale", "use 1.0 for CFG-free sampling or a value above 1")
+        check(self.resolution is None or self.resolution > 0, "resolution", "it must be a positive number of pixels")
+        check(self.max_sequence_length >= 1, "max_sequence_length", "it must be at least 1")
+        check(self.scale_rewards in REWARD_SCALES, "scale_rewards", f"choose one of {REWARD_SCALES}")
+        check(self.advantage_clip > 0, "advantage_clip", "it must be positive")
+        check(self.beta > 0, "beta", "it must be positive")
+        check(self.kl_coef >= 0, "kl_coef", "it must be 0 (off) or positive")
+        check(self.loss_type in LOSS_TYPES, "loss_type", f"choose one of {LOSS_TYPES}")
+        check(0 < self.train_timestep_fraction <= 1, "train_timestep_fraction", "it must be in (0, 1]")
+        check(
+            self.old_policy_decay_schedule in DECAY_SCHEDULES,
+            "old_policy_decay_schedule",
+            f"choose one of {DECAY_SCHEDULES}",
+        )
+        check(self.old_policy_decay_rate >= 0, "old_policy_decay_rate", "it must be non-negative")
+        check(0 <= self.old_policy_decay_max < 1, "old_policy_decay_max", "it must be in [0, 1)")
+        check(self.old_policy_decay_delay >= 0, "old_policy_decay_delay", "it must be non-negative")
+        check(self.lora_r >= 1, "lora_r", "it must be at least 1")
+        if self.reward_weights is not None and any(w != w for w in self.reward_weights):
+            raise ValueError("reward_weights contains NaN.")
+
+        images_per_step = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
+        if images_per_step % self.num_generations != 0:
+            raise ValueError(
+                f"The images of one optimizer step (per_device_train_batch_size={self.per_device_train_batch_size} x "
+                f"{self.world_size} processes x gradient_accumulation_steps={self.gradient_accumulation_steps} = "
+                f"{images_per_step}) must divide into groups of num_generations={self.num_generations}. Change one "
+                "of these so that the product is a multiple of num_generations."
+            )
+
+    @property
+    def images_per_step(self) -> int:
+        """Images collected (and trained on) per optimizer step, over all processes."""
+        return self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
+
+    @property
+    def prompts_per_step(self) -> int:
+        """Prompts (groups) per optimizer step."""
+        return self.images_per_step // self.num_generations

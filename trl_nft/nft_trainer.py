@@ -1,0 +1,566 @@
+"""`DiffusionNFTTrainer`: online DiffusionNFT fine-tuning of diffusion and flow models, shaped like TRL's trainers."""
+
+import copy
+import math
+import os
+import textwrap
+import time
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import numpy as np
+import safetensors.torch
+import torch
+from datasets import Dataset
+from diffusers import DiffusionPipeline
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image
+from transformers import Trainer, TrainerCallback, set_seed
+from trl.trainer.utils import RepeatSampler
+
+from .models import get_adapter, load_pipeline
+from .nft_config import NFTConfig
+from .objective import (
+    forward_process,
+    group_advantages,
+    nft_loss,
+    old_policy_decay,
+    optimality_probability,
+    soft_update_,
+)
+from .rewards import RewardFunc, get_reward
+
+
+LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+OLD_POLICY_DIR = "old_policy"
+TRAINED_ADAPTER, OLD_ADAPTER = "default", "old"
+
+
+class OldPolicyUpdateCallback(TrainerCallback):
+    """After each optimizer step `i`, soft-update the old (sampling) policy toward the trained one with decay `eta_i`."""
+
+    def __init__(self, trainer: "DiffusionNFTTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.update_old_policy(state.global_step)
+
+
+class DiffusionNFTTrainer(Trainer):
+    """
+    Trainer for DiffusionNFT (Zheng et al., "DiffusionNFT: Online Diffusion Reinforcement with Forward Process").
+
+    Each optimizer step: sample `num_generations` images per prompt with the old policy through the model's diffusers
+    pipeline, score them, turn rewards into optimality probabilities, train the policy on the forward process at the
+    rollout's times, then soft-update the old policy. The mathematics lives in `trl_nft.objective`.
+
+    Args:
+        model (`str` or `diffusers.DiffusionPipeline`):
+            A Hub id, a local folder, a pipeline instance, or `"tiny-sd3"` (a tiny random SD3 built offline).
+        reward_funcs (`str`, callable, or a list of them):
+            Reward functions `f(images, prompts, **kwargs) -> list[float | None]` (see `trl_nft.rewards`), or names of
+            registered rewards such as `"jpeg_compressibility"`. Several are summed with `args.reward_weights`.
+        args ([`NFTConfig`], *optional*):
+            Configuration; defaults to `NFTConfig(output_dir=f"{model_name}-NFT")`.
+        train_dataset (`datasets.Dataset`):
+            Prompts, in a `prompt` column. Other columns reach the reward functions as keyword lists.
+        eval_dataset (`datasets.Dataset`, *optional*):
+            Prompts for `evaluate()`: one image each, fixed noise, the current policy.
+        peft_config (`peft.LoraConfig`, *optional*):
+            LoRA configuration, overriding the `lora_*` fields of `args`.
+        callbacks (list of `transformers.TrainerCallback`, *optional*):
+            Extra callbacks.
+        optimizers (`tuple`, *optional*):
+            `(optimizer, lr_scheduler)`, as for `transformers.Trainer`.
+    """
+
+    _tag_names = ["trl", "trl-nft", "diffusion-nft", "diffusers", "text-to-image"]
+    _name = "DiffusionNFT"
+    _paper = {
+        "title": "DiffusionNFT: Online Diffusion Reinforcement with Forward Process",
+        "id": "2509.16117",
+        "citation": textwrap.dedent("""\
+            @inproceedings{zheng2026diffusionnft,
+                title        = {{DiffusionNFT: Online Diffusion Reinforcement with Forward Process}},
+                author       = {Kaiwen Zheng and Huayu Chen and Haotian Ye and Haoxiang Wang and Qinsheng Zhang and Kai Jiang and Hang Su and Stefano Ermon and Jun Zhu and Ming-Yu Liu},
+                booktitle    = {International Conference on Learning Representations},
+                year         = 2026,
+                eprint       = {arXiv:2509.16117},
+            }"""),
+    }
+
+    def __init__(
+        self,
+        model: str | DiffusionPipeline,
+        reward_funcs: str | RewardFunc | list[str | RewardFunc],
+        args: NFTConfig | None = None,
+        train_dataset: Dataset | None = None,
+        eval_dataset: Dataset | None = None,
+        peft_config: LoraConfig | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+    ):
+        if args is None:
+            model_name = model if isinstance(model, str) else type(model).__name__
+            args = NFTConfig(output_dir=f"{model_name.split('/')[-1]}-NFT")
+        # Everything cheap is checked before the model is loaded.
+        _check_prompt_dataset(train_dataset, "train_dataset", args.prompts_per_step)
+        if eval_dataset is not None:
+            _check_prompt_dataset(eval_dataset, "eval_dataset", 1)
+        self.reward_funcs, self.reward_func_names = _resolve_reward_funcs(reward_funcs)
+        if args.reward_weights is None:
+            self.reward_weights = torch.ones(len(self.reward_funcs))
+        elif len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(args.reward_weights)} values for {len(self.reward_funcs)} reward functions "
+                f"({', '.join(self.reward_func_names)}); give one weight per function."
+            )
+        else:
+            self.reward_weights = torch.tensor(args.reward_weights, dtype=torch.float32)
+
+        # The pipeline: frozen weights in the mixed-precision dtype, trained weights in float32.
+        weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        self.pipeline = load_pipeline(model, torch_dtype=weight_dtype)
+        self.pipeline.set_progress_bar_config(disable=True)
+        self.adapter = get_adapter(self.pipeline, max_sequence_length=args.max_sequence_length)
+        self.resolution = args.resolution or self.adapter.default_resolution()
+        self.adapter.check_resolution(self.resolution)
+        self.adapter.set_sampler(args.sampler, args.sampler_kwargs)
+        if self.pipeline.dtype != weight_dtype:
+            self.pipeline.to(dtype=weight_dtype)
+        for component in self.pipeline.components.values():
+            if isinstance(component, torch.nn.Module):
+                component.requires_grad_(False).eval()  # no dropout in frozen encoders, the VAE, or the reference
+        denoiser = self.adapter.denoiser
+        set_seed(args.seed)  # LoRA initialisation draws from the global generator
+        self._setup_policies(denoiser, args, peft_config)
+        self._check_reward_funcs(train_dataset)
+
+        super().__init__(
+            model=denoiser,
+            args=args,
+            data_collator=lambda rows: rows,  # rows stay dicts: prompts are encoded at rollout time
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self.pipeline.to(self.accelerator.device)
+        for module in (self.old_model, self.ref_model):
+            if module is not None:
+                module.to(self.accelerator.device)
+        self.add_callback(OldPolicyUpdateCallback(self))
+
+        self._step = 0  # micro-steps taken, to know when a new rollout is due
+        self._buffered_inputs: list[dict] | None = None
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    # ------------------------------------------------------------------ set-up
+
+    def _setup_policies(self, denoiser: torch.nn.Module, args: NFTConfig, peft_config: LoraConfig | None) -> None:
+        """Trained, old and reference policies. With LoRA they share one denoiser: two adapters (trained + old), and
+        the reference is the denoiser with adapters disabled. Fully fine-tuned, the old policy is an EMA copy and the
+        reference a frozen copy (only when `kl_coef > 0`)."""
+        self.use_lora = args.use_peft or peft_config is not None
+        self.old_model = self.ref_model = None
+        if self.use_lora:
+            self.lora_config = peft_config or LoraConfig(
+                r=args.lora_r,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                init_lora_weights="gaussian",
+                target_modules=list(args.lora_target_modules or self.adapter.lora_target_modules),
+            )
+            denoiser.add_adapter(copy.deepcopy(self.lora_config), adapter_name=OLD_ADAPTER)
+            with warnings.catch_warnings():  # PEFT warns about a second adapter, which is the design here
+                warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+                denoiser.add_adapter(copy.deepcopy(self.lora_config), adapter_name=TRAINED_ADAPTER)
+            denoiser.set_adapter(TRAINED_ADAPTER)
+            names = dict(denoiser.named_parameters())
+            trained = [n for n in names if f".{TRAINED_ADAPTER}." in n]
+            self._trained_params = [names[n] for n in trained]
+            self._old_params = [names[n.replace(f".{TRAINED_ADAPTER}.", f".{OLD_ADAPTER}.")] for n in trained]
+            for param in self._trained_params + self._old_params:
+                param.data = param.data.float()
+        else:
+            self.lora_config = None
+            denoiser.float().requires_grad_(True)
+            self.old_model = copy.deepcopy(denoiser).requires_grad_(False)
+            if args.kl_coef > 0:
+                self.ref_model = copy.deepcopy(denoiser).requires_grad_(False)
+            self._trained_params = list(denoiser.parameters())
+            self._old_params = list(self.old_model.parameters())
+        soft_update_(self._old_params, self._trained_params, decay=0.0)  # the old policy starts as a copy
+
+    def _check_reward_funcs(self, dataset: Dataset) -> None:
+        """Score two blank images once, so that a reward function with the wrong output fails before any rollout."""
+        rows = [dataset[i % len(dataset)] for i in range(2)]
+        images = [Image.new("RGB", (self.resolution, self.resolution), (127, 127, 127))] * 2
+        self._score(images, rows)
+
+    # ------------------------------------------------------------------ data
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt"]
+
+    def get_train_dataloader(self):
+        # As in GRPOTrainer: each process loads the prompts of a whole optimizer step at once (the rollout batch),
+        # and `_prepare_inputs` hands out its `gradient_accumulation_steps` slices.
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.gradient_accumulation_steps,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, dataset: Dataset | None = None) -> RepeatSampler:
+        # Each prompt `num_generations` times in a row, so that after gathering, consecutive images form the groups
+        # (a group may span processes); the block of one step repeats once per accumulation micro-step.
+        return RepeatSampler(
+            data_source=dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=self.args.num_generations,
+            batch_size=self.args.prompts_per_step,
+            repeat_count=self.args.gradient_accumulation_steps,
+            shuffle=True,
+            seed=self.args.seed,
+        )
+
+    def _prepare_inputs(self, generation_batch: list[dict]) -> dict:
+        accumulation = self.args.gradient_accumulation_steps
+        if self._step % accumulation == 0 or self._buffered_inputs is None:
+            rollout = self._generate_and_score(generation_batch)
+            self._buffered_inputs = [_slice_batch(rollout, i, accumulation) for i in range(accumulation)]
+        return self._buffered_inputs[self._step % accumulation]
+
+    # ------------------------------------------------------------------ rollout and rewards
+
+    @contextmanager
+    def _acting_as_old_policy(self):
+        """Within this context the pipeline's denoiser is the old (sampling) policy."""
+        denoiser = self.adapter.denoiser
+        if self.use_lora:
+            denoiser.set_adapter(OLD_ADAPTER)
+            try:
+                yield denoiser
+            finally:
+                denoiser.set_adapter(TRAINED_ADAPTER)
+        else:
+            setattr(self.pipeline, self.adapter.denoiser_name, self.old_model)
+            try:
+                yield self.old_model
+            finally:
+                setattr(self.pipeline, self.adapter.denoiser_name, denoiser)
+
+    @contextmanager
+    def _acting_as_reference(self):
+        """Within this context, the yielded module is the frozen base model."""
+        if self.use_lora:
+            denoiser = self.adapter.denoiser
+            denoiser.disable_adapters()
+            try:
+                yield denoiser
+            finally:
+                denoiser.enable_adapters()
+        else:
+            yield self.ref_model
+
+    def _generator(self, *stream: int) -> torch.Generator:
+        # Every random draw depends only on (seed, step, process, stream): resumed runs redraw what they would have.
+        seed = hash((self.args.seed, self.state.global_step, self.accelerator.process_index) + stream) % (2**63)
+        return torch.Generator(device="cpu").manual_seed(seed)
+
+    def _sample(
+        self, prompts: list[str], generator: torch.Generator, chunk_size: int
+    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Sample one image per prompt with the pipeline's current denoiser; returns per-image conditioning, clean
+        latents and the sampler's time grid. Each unique prompt is encoded once."""
+        unique = list(dict.fromkeys(prompts))
+        cfg = self.args.guidance_scale > 1.0
+        encoded = self.adapter.encode_prompts(unique, negative=cfg)
+        index = torch.tensor([unique.index(p) for p in prompts], device=self.accelerator.device)
+        conditioning = {key: value[index] for key, value in encoded.items()}
+        latents = []
+        for start in range(0, len(prompts), chunk_size):
+            chunk = {key: value[start : start + chunk_size] for key, value in conditioning.items()}
+            rollout = self.adapter.sample(
+                chunk, self.args.num_inference_steps, self.args.guidance_scale, self.resolution, generator
+            )
+            latents.append(rollout.latents)
+        if cfg:  # training is CFG-free: only the conditional embeddings are kept
+            conditioning = {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
+        return conditioning, torch.cat(latents), rollout.sigmas
+
+    def _decode_to_pil(self, latents: torch.Tensor, chunk_size: int) -> list[Image.Image]:
+        images = torch.cat(
+            [self.adapter.decode(latents[i : i + chunk_size]) for i in range(0, len(latents), chunk_size)]
+        )
+        array = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
+        return [Image.fromarray(image) for image in array]
+
+    def _score(self, images: list[Image.Image], rows: list[dict]) -> torch.Tensor:
+        """Rewards `[num_images, num_funcs]` (NaN where a function returned None), each output validated."""
+        prompts = [row["prompt"] for row in rows]
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        rewards = torch.full((len(images), len(self.reward_funcs)), float("nan"))
+        for j, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
+            output = func(images=images, prompts=prompts, **columns)
+            if isinstance(output, torch.Tensor | np.ndarray):
+                output = output.tolist()
+            if not isinstance(output, list | tuple) or len(output) != len(images):
+                got = f"{len(output)} values" if isinstance(output, list | tuple) else f"a {type(output).__name__}"
+                raise ValueError(
+                    f"Reward function {name!r} returned {got} for {len(images)} images; it must return a list with one "
+                    "float (or None) per image."
+                )
+            for i, value in enumerate(output):
+                if value is None:
+                    continue
+                if not isinstance(value, int | float) or math.isnan(value) or math.isinf(value):
+                    raise ValueError(
+                        f"Reward function {name!r} returned {value!r} for image {i} (prompt {prompts[i]!r}); rewards must "
+                        "be finite floats, or None where the reward does not apply."
+                    )
+                rewards[i, j] = float(value)
+        return rewards
+
+    def _generate_and_score(self, rows: list[dict]) -> dict:
+        """One rollout of this process's share of the step: sample with the old policy, score, and turn the rewards
+        of all processes into optimality probabilities."""
+        device, chunk = self.accelerator.device, self.args.per_device_train_batch_size
+        prompts = [row["prompt"] for row in rows]
+
+        start = time.perf_counter()
+        with self._acting_as_old_policy():
+            conditioning, latents, sigmas = self._sample(prompts, self._generator(0), chunk)
+        images = self._decode_to_pil(latents, chunk)
+        rollout_time = time.perf_counter() - start
+
+        start = time.perf_counter()
+        rewards_per_func = self.accelerator.gather(self._score(images, rows).to(device)).cpu()
+        reward_time = time.perf_counter() - start
+        weights = self.reward_weights.unsqueeze(0)
+        not_applicable = rewards_per_func.isnan().all(dim=1)
+        if not_applicable.any():
+            raise ValueError(
+                f"No reward function returned a value for {int(not_applicable.sum())} images: each image needs at "
+                f"least one reward that applies to it (reward functions: {', '.join(self.reward_func_names)})."
+            )
+        rewards = (rewards_per_func * weights).nansum(dim=1)
+        advantages = group_advantages(rewards, self.args.num_generations, self.args.scale_rewards)
+        optimality = optimality_probability(advantages, self.args.advantage_clip)
+        local = slice(self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows))
+
+        grouped = rewards.view(-1, self.args.num_generations)
+        self._metrics["reward"].append(rewards.mean().item())
+        self._metrics["reward_std"].append(rewards.std().item() if len(rewards) > 1 else 0.0)
+        for j, name in enumerate(self.reward_func_names):
+            self._metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, j]).item())
+        self._metrics["frac_reward_zero_std"].append((grouped.std(dim=1) < 1e-8).float().mean().item())
+        self._metrics["optimality/mean"].append(optimality.mean().item())
+        self._metrics["timing/rollout_seconds"].append(rollout_time)
+        self._metrics["timing/reward_seconds"].append(reward_time)
+        self._metrics["rollout/images_per_second"].append(len(rows) / rollout_time)
+        return {
+            "latents": latents,
+            "conditioning": conditioning,
+            "sigmas": sigmas,
+            "optimality": optimality[local].to(device),
+        }
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        model.train()
+        batch = self._prepare_inputs(inputs)
+        start = time.perf_counter()
+        clean, conditioning, grid = batch["latents"], batch["conditioning"], batch["sigmas"]
+        num_images, num_times = clean.shape[0], len(grid)
+        num_train_times = max(1, int(num_times * self.args.train_timestep_fraction))
+        # Fresh noise and a fresh subset of the rollout's times for every image.
+        generator = self._generator(1, self._step % self.args.gradient_accumulation_steps)
+        times = torch.stack(
+            [torch.randperm(num_times, generator=generator)[:num_train_times] for _ in range(num_images)]
+        )
+        scale = 1.0 / (num_train_times * self.current_gradient_accumulation_steps)
+
+        total = torch.zeros((), device=clean.device)
+        for j in range(num_train_times):
+            sigmas = grid[times[:, j].to(grid.device)]
+            noise = torch.randn(clean.shape, generator=generator, dtype=torch.float32).to(clean)
+            noisy, _ = forward_process(clean, noise, sigmas)
+            with torch.no_grad():
+                with self._acting_as_old_policy() as old_policy:
+                    old_velocity = self.adapter.predict_velocity(old_policy, noisy, sigmas, conditioning)
+                reference_velocity = None
+                if self.args.kl_coef > 0:
+                    with self._acting_as_reference() as reference:
+                        reference_velocity = self.adapter.predict_velocity(reference, noisy, sigmas, conditioning)
+            with self.compute_loss_context_manager():
+                policy_velocity = self.adapter.predict_velocity(model, noisy, sigmas, conditioning)
+                loss = nft_loss(
+                    policy_velocity.float(),
+                    old_velocity.float(),
+                    noisy.float(),
+                    clean.float(),
+                    noise.float(),
+                    sigmas,
+                    batch["optimality"],
+                    beta=self.args.beta,
+                    loss_type=self.args.loss_type,
+                    advantage_clip=self.args.advantage_clip,
+                    reference_velocity=None if reference_velocity is None else reference_velocity.float(),
+                    kl_coef=self.args.kl_coef,
+                )
+            self.accelerator.backward(loss.loss * scale)
+            total += loss.loss.detach() * scale
+            for part in ("positive", "negative", "kl"):
+                self._metrics[f"loss/{part}"].append(getattr(loss, part).item())
+
+        self._step += 1
+        train_time = time.perf_counter() - start
+        self._metrics["timing/train_seconds"].append(train_time)
+        self._metrics["train/sample_steps_per_second"].append(num_images * num_train_times / train_time)
+        return total
+
+    def update_old_policy(self, step: int) -> None:
+        """`theta_old <- eta theta_old + (1 - eta) theta` with `eta` from the configured schedule at `step`."""
+        decay = old_policy_decay(
+            step,
+            self.args.old_policy_decay_schedule,
+            rate=self.args.old_policy_decay_rate,
+            maximum=self.args.old_policy_decay_max,
+            delay=self.args.old_policy_decay_delay,
+        )
+        soft_update_(self._old_params, self._trained_params, decay)
+        self._metrics["old_policy_decay"].append(decay)
+
+    # ------------------------------------------------------------------ evaluation and logging
+
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Score the current policy on `eval_dataset`: one image per prompt, with the same noise at every call."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
+        rows = [dataset[i] for i in range(len(dataset))]
+        with self.accelerator.split_between_processes(rows) as local_rows:
+            generator = torch.Generator(device="cpu").manual_seed(self.args.seed + self.accelerator.process_index)
+            chunk = self.args.per_device_eval_batch_size
+            _, latents, _ = self._sample([row["prompt"] for row in local_rows], generator, chunk)
+            rewards_per_func = self._score(self._decode_to_pil(latents, chunk), local_rows)
+        rewards_per_func = self.accelerator.gather(rewards_per_func.to(self.accelerator.device)).cpu()
+        rewards = (rewards_per_func * self.reward_weights.unsqueeze(0)).nansum(dim=1)
+        metrics = {f"{metric_key_prefix}_reward": rewards.mean().item()}
+        for j, name in enumerate(self.reward_func_names):
+            metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = torch.nanmean(rewards_per_func[:, j]).item()
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training metrics gathered since the last log are averaged here, as in TRL's trainers.
+        if not any(key.startswith("eval_") for key in logs):
+            logs = {**logs, **{key: sum(values) / len(values) for key, values in self._metrics.items() if values}}
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ saving and resuming
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Write the trained policy in diffusers' format: the LoRA (`pipeline.load_lora_weights(output_dir)`), or the
+        fully fine-tuned denoiser in `output_dir/<denoiser>/` (`<Model>.from_pretrained(output_dir, subfolder=...)`)."""
+        output_dir = output_dir or self.args.output_dir
+        if self.args.should_save:
+            self._save_policy(self.accelerator.unwrap_model(self.model), TRAINED_ADAPTER, output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _save_policy(self, module: torch.nn.Module, adapter_name: str, output_dir: str) -> None:
+        os.makedirs(output_dir, exist_ok=True)
+        if self.use_lora:
+            state_dict = get_peft_model_state_dict(module, adapter_name=adapter_name)
+            self.adapter.save_lora_weights(output_dir, state_dict, self.lora_config.to_dict())
+        else:
+            module.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The old policy goes in first, so that a checkpoint with a trainer state always has both policies.
+        checkpoint_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:
+            old_policy = self.accelerator.unwrap_model(self.model) if self.use_lora else self.old_model
+            self._save_policy(old_policy, OLD_ADAPTER, os.path.join(checkpoint_dir, OLD_POLICY_DIR))
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Restore the trained and the old policy from a checkpoint written by `_save_checkpoint`."""
+        denoiser = self.accelerator.unwrap_model(self.model)
+        old_dir = os.path.join(resume_from_checkpoint, OLD_POLICY_DIR)
+        for module, adapter_name, directory in [
+            (denoiser, TRAINED_ADAPTER, resume_from_checkpoint),
+            (denoiser if self.use_lora else self.old_model, OLD_ADAPTER, old_dir),
+        ]:
+            if self.use_lora:
+                path = os.path.join(directory, LORA_WEIGHTS_NAME)
+                if not os.path.isfile(path):
+                    raise ValueError(f"Can't resume from {resume_from_checkpoint}: {path} is missing.")
+                prefix = f"{self.adapter.denoiser_name}."
+                state_dict = {k.removeprefix(prefix): v for k, v in safetensors.torch.load_file(path).items()}
+                result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)
+                if result.unexpected_keys:
+                    raise ValueError(
+                        f"{path} does not match this model's LoRA: unexpected {result.unexpected_keys[:3]}."
+                    )
+            else:
+                folder = os.path.join(directory, self.adapter.denoiser_name)
+                if not os.path.isdir(folder):
+                    raise ValueError(f"Can't resume from {resume_from_checkpoint}: {folder} is missing.")
+                loaded = type(module).from_pretrained(folder, torch_dtype=torch.float32)
+                module.load_state_dict(loaded.state_dict())
+
+
+def _check_prompt_dataset(dataset: Dataset | None, name: str, min_rows: int) -> None:
+    if dataset is None:
+        raise ValueError(f"{name} is required: a datasets.Dataset with a 'prompt' column.")
+    if not hasattr(dataset, "column_names") or not hasattr(dataset, "__len__"):
+        raise ValueError(f"{name} must be a datasets.Dataset with a 'prompt' column, got {type(dataset).__name__}.")
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"{name} has no 'prompt' column (columns: {dataset.column_names}); rename the prompt column.")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty: it needs at least one prompt.")
+    if len(dataset) < min_rows:
+        raise ValueError(
+            f"{name} has {len(dataset)} prompts but one optimizer step needs {min_rows} (images per step / "
+            "num_generations); add prompts or lower per_device_train_batch_size or gradient_accumulation_steps."
+        )
+
+
+def _resolve_reward_funcs(reward_funcs) -> tuple[list[Callable], list[str]]:
+    funcs = reward_funcs if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+    if not funcs:
+        raise ValueError("reward_funcs is empty: give at least one reward function or registered reward name.")
+    resolved, names = [], []
+    for func in funcs:
+        if isinstance(func, str):
+            resolved.append(get_reward(func))
+            names.append(func)
+        elif callable(func):
+            resolved.append(func)
+            names.append(getattr(func, "__name__", type(func).__name__))
+        else:
+            raise TypeError(f"reward_funcs entries must be callables or registered names, got {type(func).__name__}.")
+    return resolved, names
+
+
+def _slice_batch(batch: dict, index: int, parts: int) -> dict:
+    """The `index`-th of `parts` equal slices along the image axis (the time grid is shared)."""
+
+    def take(value):
+        if isinstance(value, dict):
+            return {key: take(v) for key, v in value.items()}
+        size = len(value) // parts
+        return value[index * size : (index + 1) * size]
+
+    return {key: (value if key == "sigmas" else take(value)) for key, value in batch.items()}

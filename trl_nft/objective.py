@@ -1,0 +1,174 @@
+r"""The DiffusionNFT objective, as pure tensor functions.
+
+Notation (rectified flow): `x_t = (1 - t) x_0 + t eps`, `t` in [0, 1] (`t = 0` clean), target velocity `v = eps - x_0`,
+`v_theta` the trained policy, `v_old` the sampling ("old") policy, `v_ref` the frozen base model. One iteration
+collects `K` images per prompt with the old policy, scores them, turns the rewards into optimality probabilities `r`,
+and trains on the forward process with the implicit positive and negative policies
+
+    v_pos = (1 - beta) v_old + beta v_theta
+    v_neg = (1 + beta) v_old - beta v_theta
+
+whose per-sample optimum is `v_theta = v_old + (2r - 1) (v - v_old) / beta`. The trainer calls these functions and
+re-derives none of the mathematics.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+
+REWARD_SCALES = ("batch", "group", "none")
+LOSS_TYPES = ("x0_adaptive", "velocity")
+DECAY_SCHEDULES = ("linear", "constant", "on_policy")
+
+
+def forward_process(
+    clean: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    r"""Noise clean latents to time `t`: returns `x_t = (1 - t) x_0 + t eps` and the target velocity `v = eps - x_0`.
+
+    `sigmas` holds one `t` per sample (shape `[B]`).
+    """
+    t = _per_sample(sigmas, clean)
+    return (1 - t) * clean + t * noise, noise - clean
+
+
+def group_advantages(
+    rewards: torch.Tensor, num_generations: int, scale: str = "batch", eps: float = 1e-4
+) -> torch.Tensor:
+    r"""Advantages `A = (R - mean_group(R)) / (Z + eps)` for rewards laid out as consecutive groups of `num_generations`.
+
+    `scale` picks `Z`: `"batch"`, the std of all rewards passed in (the released code's global std over the whole
+    iteration, gathered across processes); `"group"`, each group's own std; `"none"`, `Z = 1`. Stds are population
+    stds (no Bessel correction). A group whose rewards are all equal gets `A = 0`.
+    """
+    if scale not in REWARD_SCALES:
+        raise ValueError(f"scale must be one of {REWARD_SCALES}, got {scale!r}.")
+    if rewards.ndim != 1 or rewards.numel() % num_generations != 0:
+        raise ValueError(
+            f"expected a flat tensor of groups of {num_generations} rewards, got shape {tuple(rewards.shape)}."
+        )
+    grouped = rewards.view(-1, num_generations)
+    centered = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale == "batch":
+        centered = centered / (rewards.std(unbiased=False) + eps)
+    elif scale == "group":
+        centered = centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+    return centered.view(-1)
+
+
+def optimality_probability(advantages: torch.Tensor, advantage_clip: float = 5.0) -> torch.Tensor:
+    r"""The optimality probability `r = 0.5 + 0.5 clip(A / A_max, -1, 1)` in [0, 1], with `A_max = advantage_clip`.
+
+    `r = 1` makes a sample fully "positive", `r = 0` fully "negative", `r = 0.5` only pulls toward the old policy.
+    """
+    return 0.5 + 0.5 * (advantages / advantage_clip).clamp(-1.0, 1.0)
+
+
+@dataclass
+class NFTLoss:
+    """The scalar loss to back-propagate and its parts (batch means, detached) for logging."""
+
+    loss: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+    kl: torch.Tensor
+
+
+def nft_loss(
+    policy_velocity: torch.Tensor,
+    old_velocity: torch.Tensor,
+    noisy: torch.Tensor,
+    clean: torch.Tensor,
+    noise: torch.Tensor,
+    sigmas: torch.Tensor,
+    optimality: torch.Tensor,
+    beta: float = 1.0,
+    loss_type: str = "x0_adaptive",
+    advantage_clip: float = 5.0,
+    reference_velocity: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> NFTLoss:
+    r"""The DiffusionNFT loss on one batch of forward-process samples `x_t` at times `sigmas`.
+
+    With `v_pos`, `v_neg` the implicit policies (module docstring) and `r` = `optimality`:
+
+    `loss_type="velocity"` (the paper's loss):
+        `L = mean_b[ r ||v_pos - v||^2 + (1 - r) ||v_neg - v||^2 ]`   (squared norms as means over elements)
+
+    `loss_type="x0_adaptive"` (the released code's, a stabilising reparametrisation): with `x0_s = x_t - t v_s`,
+        `L_s = mean((x0_s - x_0)^2) / sg(max(mean(|x0_s - x_0|), 1e-5))`   (per sample, the weight in float64)
+        `L = mean_b[ A_max (r L_pos + (1 - r) L_neg) / beta ]`
+
+    Either way a reference penalty is added when `kl_coef > 0`: `L += kl_coef * mean_b mean((v_theta - v_ref)^2)`.
+    `old_velocity` and `reference_velocity` are treated as constants. Returns the loss and its detached parts
+    (`positive` = `mean_b L_pos`, `negative` = `mean_b L_neg`, `kl`).
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
+    old_velocity = old_velocity.detach()
+    positive_velocity = (1 - beta) * old_velocity + beta * policy_velocity
+    negative_velocity = (1 + beta) * old_velocity - beta * policy_velocity
+    r = optimality.to(policy_velocity.dtype)
+
+    if loss_type == "velocity":
+        target = noise - clean
+        positive = _mean_per_sample((positive_velocity - target) ** 2)
+        negative = _mean_per_sample((negative_velocity - target) ** 2)
+        policy_loss = (r * positive + (1 - r) * negative).mean()
+    else:
+        t = _per_sample(sigmas, noisy)
+        positive = _adaptive_x0_loss(noisy - t * positive_velocity, clean)
+        negative = _adaptive_x0_loss(noisy - t * negative_velocity, clean)
+        policy_loss = (advantage_clip * (r * positive + (1 - r) * negative) / beta).mean()
+
+    kl = policy_loss.new_zeros(())
+    if kl_coef > 0:
+        if reference_velocity is None:
+            raise ValueError("kl_coef > 0 needs reference_velocity.")
+        kl = _mean_per_sample((policy_velocity - reference_velocity.detach()) ** 2).mean()
+    return NFTLoss(
+        loss=policy_loss + kl_coef * kl,
+        positive=positive.mean().detach(),
+        negative=negative.mean().detach(),
+        kl=kl.detach(),
+    )
+
+
+def old_policy_decay(
+    step: int, schedule: str = "linear", rate: float = 0.001, maximum: float = 0.5, delay: int = 0
+) -> float:
+    r"""The decay `eta_i` of the old-policy update `theta_old <- eta_i theta_old + (1 - eta_i) theta` after step `i`.
+
+    `"linear"`: `eta_i = 0` for `i < delay`, then `min(rate (i - delay), maximum)`. The paper's default is
+    `rate=0.001, maximum=0.5, delay=0`; the released OCR run uses `rate=0.0075, maximum=0.999, delay=75`.
+    `"constant"`: `eta_i = maximum`. `"on_policy"`: `eta_i = 0` (the old policy is the current one).
+    """
+    if schedule == "on_policy":
+        return 0.0
+    if schedule == "constant":
+        return maximum
+    if schedule == "linear":
+        return min(rate * max(step - delay, 0), maximum)
+    raise ValueError(f"schedule must be one of {DECAY_SCHEDULES}, got {schedule!r}.")
+
+
+@torch.no_grad()
+def soft_update_(old: list[torch.Tensor], new: list[torch.Tensor], decay: float) -> None:
+    r"""In place, `old <- decay * old + (1 - decay) * new` for each pair of tensors."""
+    for old_tensor, new_tensor in zip(old, new, strict=True):
+        old_tensor.lerp_(new_tensor.to(old_tensor.dtype), 1.0 - decay)
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return values.to(like.dtype).view(-1, *([1] * (like.ndim - 1)))
+
+
+def _mean_per_sample(values: torch.Tensor) -> torch.Tensor:
+    return values.mean(dim=tuple(range(1, values.ndim)))
+
+
+def _adaptive_x0_loss(prediction: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        weight = _mean_per_sample((prediction.double() - clean.double()).abs()).clamp(min=1e-5)
+    return (_mean_per_sample((prediction - clean) ** 2) / weight).to(prediction.dtype)
