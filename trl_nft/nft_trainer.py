@@ -1,5 +1,6 @@
 """`DiffusionNFTTrainer`: online DiffusionNFT fine-tuning of diffusion and flow models, shaped like TRL's trainers."""
 
+import contextlib
 import copy
 import math
 import os
@@ -8,11 +9,11 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import numpy as np
 import safetensors.torch
 import torch
+from accelerate.utils import DistributedType
 from datasets import Dataset
 from diffusers import DiffusionPipeline
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
@@ -147,6 +148,12 @@ class DiffusionNFTTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        if args.world_size > 1 and self.accelerator.distributed_type == DistributedType.NO:
+            # Otherwise each process would normalise only its own rewards, silently.
+            raise ValueError(
+                f"{args.world_size} processes were launched but the Trainer does not run distributed; on CPU, set "
+                "use_cpu=True (--use_cpu) so that the processes form a process group."
+            )
         self.pipeline.to(self.accelerator.device)
         for module in (self.old_model, self.ref_model):
             if module is not None:
@@ -238,7 +245,7 @@ class DiffusionNFTTrainer(Trainer):
 
     # ------------------------------------------------------------------ rollout and rewards
 
-    @contextmanager
+    @contextlib.contextmanager
     def _acting_as_old_policy(self):
         """Within this context the pipeline's denoiser is the old (sampling) policy."""
         denoiser = self.adapter.denoiser
@@ -255,7 +262,7 @@ class DiffusionNFTTrainer(Trainer):
             finally:
                 setattr(self.pipeline, self.adapter.denoiser_name, denoiser)
 
-    @contextmanager
+    @contextlib.contextmanager
     def _acting_as_reference(self):
         """Within this context, the yielded module is the frozen base model."""
         if self.use_lora:
@@ -335,7 +342,7 @@ class DiffusionNFTTrainer(Trainer):
 
         start = time.perf_counter()
         with self._acting_as_old_policy():
-            conditioning, latents, sigmas = self._sample(prompts, self._generator(0), chunk)
+            conditioning, latents, time_grid = self._sample(prompts, self._generator(0), chunk)
         images = self._decode_to_pil(latents, chunk)
         rollout_time = time.perf_counter() - start
 
@@ -367,20 +374,21 @@ class DiffusionNFTTrainer(Trainer):
         return {
             "latents": latents,
             "conditioning": conditioning,
-            "sigmas": sigmas,
+            "time_grid": time_grid,
             "optimality": optimality[local].to(device),
         }
 
     # ------------------------------------------------------------------ training
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        """One micro-step: for each of a random subset of the rollout's times, noise the clean latents afresh and
+        back-propagate the NFT loss (one backward per time, as the released code does, to bound memory)."""
         model.train()
         batch = self._prepare_inputs(inputs)
         start = time.perf_counter()
-        clean, conditioning, grid = batch["latents"], batch["conditioning"], batch["sigmas"]
-        num_images, num_times = clean.shape[0], len(grid)
+        clean, time_grid = batch["latents"], batch["time_grid"]
+        num_images, num_times = clean.shape[0], len(time_grid)
         num_train_times = max(1, int(num_times * self.args.train_timestep_fraction))
-        # Fresh noise and a fresh subset of the rollout's times for every image.
         generator = self._generator(1, self._step % self.args.gradient_accumulation_steps)
         times = torch.stack(
             [torch.randperm(num_times, generator=generator)[:num_train_times] for _ in range(num_images)]
@@ -389,42 +397,55 @@ class DiffusionNFTTrainer(Trainer):
 
         total = torch.zeros((), device=clean.device)
         for j in range(num_train_times):
-            sigmas = grid[times[:, j].to(grid.device)]
-            noise = torch.randn(clean.shape, generator=generator, dtype=torch.float32).to(clean)
-            noisy, _ = forward_process(clean, noise, sigmas)
-            with torch.no_grad():
-                with self._acting_as_old_policy() as old_policy:
-                    old_velocity = self.adapter.predict_velocity(old_policy, noisy, sigmas, conditioning)
-                reference_velocity = None
-                if self.args.kl_coef > 0:
-                    with self._acting_as_reference() as reference:
-                        reference_velocity = self.adapter.predict_velocity(reference, noisy, sigmas, conditioning)
-            with self.compute_loss_context_manager():
-                policy_velocity = self.adapter.predict_velocity(model, noisy, sigmas, conditioning)
-                loss = nft_loss(
-                    policy_velocity.float(),
-                    old_velocity.float(),
-                    noisy.float(),
-                    clean.float(),
-                    noise.float(),
-                    sigmas,
-                    batch["optimality"],
-                    beta=self.args.beta,
-                    loss_type=self.args.loss_type,
-                    advantage_clip=self.args.advantage_clip,
-                    reference_velocity=None if reference_velocity is None else reference_velocity.float(),
-                    kl_coef=self.args.kl_coef,
-                )
-            self.accelerator.backward(loss.loss * scale)
-            total += loss.loss.detach() * scale
-            for part in ("positive", "negative", "kl"):
-                self._metrics[f"loss/{part}"].append(getattr(loss, part).item())
+            inputs = {
+                **batch,
+                "sigmas": time_grid[times[:, j].to(time_grid.device)],
+                "noise": torch.randn(clean.shape, generator=generator).to(clean),
+            }
+            # Gradients are all-reduced once, with the last time's backward.
+            sync = contextlib.nullcontext() if j == num_train_times - 1 else self.accelerator.no_sync(model)
+            with sync:
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(model, inputs)
+                self.accelerator.backward(loss * scale)
+            total += loss.detach() * scale
 
         self._step += 1
         train_time = time.perf_counter() - start
         self._metrics["timing/train_seconds"].append(train_time)
         self._metrics["train/sample_steps_per_second"].append(num_images * num_train_times / train_time)
         return total
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None) -> torch.Tensor:
+        """The NFT loss of one forward-process sample per image (`inputs`: clean `latents`, `noise`, `sigmas`,
+        `conditioning`, `optimality`). The old and reference velocities are constants."""
+        conditioning, sigmas = inputs["conditioning"], inputs["sigmas"]
+        noisy, _ = forward_process(inputs["latents"], inputs["noise"], sigmas)
+        with torch.no_grad():
+            with self._acting_as_old_policy() as old_policy:
+                old_velocity = self.adapter.predict_velocity(old_policy, noisy, sigmas, conditioning)
+            reference_velocity = None
+            if self.args.kl_coef > 0:
+                with self._acting_as_reference() as reference:
+                    reference_velocity = self.adapter.predict_velocity(reference, noisy, sigmas, conditioning).float()
+        policy_velocity = self.adapter.predict_velocity(model, noisy, sigmas, conditioning)
+        loss = nft_loss(
+            policy_velocity.float(),
+            old_velocity.float(),
+            noisy.float(),
+            inputs["latents"].float(),
+            inputs["noise"].float(),
+            sigmas,
+            inputs["optimality"],
+            beta=self.args.beta,
+            loss_type=self.args.loss_type,
+            advantage_clip=self.args.advantage_clip,
+            reference_velocity=reference_velocity,
+            kl_coef=self.args.kl_coef,
+        )
+        for part in ("positive", "negative", "kl"):
+            self._metrics[f"loss/{part}"].append(getattr(loss, part).item())
+        return loss.loss
 
     def update_old_policy(self, step: int) -> None:
         """`theta_old <- eta theta_old + (1 - eta) theta` with `eta` from the configured schedule at `step`."""
@@ -447,12 +468,13 @@ class DiffusionNFTTrainer(Trainer):
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
         rows = [dataset[i] for i in range(len(dataset))]
-        with self.accelerator.split_between_processes(rows) as local_rows:
+        # Padding gives every process the same count (the last row repeated) so that the gather lines up.
+        with self.accelerator.split_between_processes(rows, apply_padding=True) as local_rows:
             generator = torch.Generator(device="cpu").manual_seed(self.args.seed + self.accelerator.process_index)
             chunk = self.args.per_device_eval_batch_size
             _, latents, _ = self._sample([row["prompt"] for row in local_rows], generator, chunk)
             rewards_per_func = self._score(self._decode_to_pil(latents, chunk), local_rows)
-        rewards_per_func = self.accelerator.gather(rewards_per_func.to(self.accelerator.device)).cpu()
+        rewards_per_func = self.accelerator.gather(rewards_per_func.to(self.accelerator.device)).cpu()[: len(rows)]
         rewards = (rewards_per_func * self.reward_weights.unsqueeze(0)).nansum(dim=1)
         metrics = {f"{metric_key_prefix}_reward": rewards.mean().item()}
         for j, name in enumerate(self.reward_func_names):
@@ -563,4 +585,4 @@ def _slice_batch(batch: dict, index: int, parts: int) -> dict:
         size = len(value) // parts
         return value[index * size : (index + 1) * size]
 
-    return {key: (value if key == "sigmas" else take(value)) for key, value in batch.items()}
+    return {key: (value if key == "time_grid" else take(value)) for key, value in batch.items()}
