@@ -247,14 +247,15 @@ class DiffusionNFTTrainer(Trainer):
 
     @contextlib.contextmanager
     def _acting_as_old_policy(self):
-        """Within this context the pipeline's denoiser is the old (sampling) policy."""
+        """Within this context the pipeline's denoiser is the old (sampling) policy, in eval mode (no LoRA dropout)."""
         denoiser = self.adapter.denoiser
         if self.use_lora:
             denoiser.set_adapter(OLD_ADAPTER)
-            try:
-                yield denoiser
-            finally:
-                denoiser.set_adapter(TRAINED_ADAPTER)
+            with _eval_mode(denoiser):
+                try:
+                    yield denoiser
+                finally:
+                    denoiser.set_adapter(TRAINED_ADAPTER)
         else:
             setattr(self.pipeline, self.adapter.denoiser_name, self.old_model)
             try:
@@ -541,6 +542,16 @@ class DiffusionNFTTrainer(Trainer):
                     raise ValueError(f"Can't resume from {resume_from_checkpoint}: {folder} is missing.")
                 loaded = type(module).from_pretrained(folder, torch_dtype=torch.float32)
                 module.load_state_dict(loaded.state_dict())
+
+
+@contextlib.contextmanager
+def _eval_mode(module: torch.nn.Module):
+    training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(training)
 
 
 def _check_prompt_dataset(dataset: Dataset | None, name: str, min_rows: int) -> None:
