@@ -284,3 +284,42 @@ def test_unknown_or_non_flow_sampler(make_config, prompts_dataset):
 def test_unsupported_pipeline_is_named(make_config, prompts_dataset):
     with pytest.raises(ValueError, match="model='not-a-model' is neither"):
         DiffusionNFTTrainer("not-a-model", "jpeg_compressibility", args=make_config(), train_dataset=prompts_dataset)
+
+
+def test_metrics_reach_tensorboard(make_config, prompts_dataset, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    # A scheduler instance as sampler: the config must still serialise for the logger.
+    config = make_config(report_to="tensorboard", sampler=FlowMatchEulerDiscreteScheduler())
+    DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=config, train_dataset=prompts_dataset).train()
+    events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    events.Reload()
+    assert {"train/reward", "train/loss/positive", "train/old_policy_decay"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("train/reward")) == 2
+
+
+def test_activation_checkpointing_gives_the_same_update(make_config, prompts_dataset):
+    def trained(**overrides):
+        config = make_config(max_steps=1, learning_rate=1e-2, **overrides)
+        trainer = DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
+        trainer.train()
+        return trainer
+
+    plain, checkpointed = trained(), trained(activation_checkpointing=True)
+    assert checkpointed.model.gradient_checkpointing
+    for a, b in zip(checkpointed._trained_params, plain._trained_params, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_numpy_rewards_are_accepted(make_config, prompts_dataset):
+    def numpy_reward(images, prompts, **kwargs):
+        return list(np.arange(len(images), dtype=np.float32))
+
+    _trainer(make_config, prompts_dataset, reward=numpy_reward, max_steps=1).train()
+
+
+def test_sampler_kwargs_do_not_apply_to_an_instance(make_config, prompts_dataset):
+    with pytest.raises(ValueError, match="sampler_kwargs only apply to a sampler given by class name"):
+        _trainer(
+            make_config, prompts_dataset, sampler=FlowMatchEulerDiscreteScheduler(), sampler_kwargs={"shift": 1.0}
+        )

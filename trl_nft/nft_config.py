@@ -199,6 +199,13 @@ class NFTConfig(TrainingArguments):
                 "of these so that the product is a multiple of num_generations."
             )
 
+    def to_dict(self) -> dict:
+        # A scheduler instance given as `sampler` is logged by its class name (loggers need JSON).
+        config = super().to_dict()
+        if not isinstance(config["sampler"], str):
+            config["sampler"] = type(config["sampler"]).__name__
+        return config
+
     @property
     def images_per_step(self) -> int:
         """Images collected (and trained on) per optimizer step, over all processes."""

@@ -2,7 +2,9 @@
 
 import contextlib
 import copy
+import json
 import math
+import numbers
 import os
 import textwrap
 import time
@@ -16,6 +18,7 @@ import torch
 from accelerate.utils import DistributedType
 from datasets import Dataset
 from diffusers import DiffusionPipeline
+from diffusers.configuration_utils import FrozenDict
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
 from transformers import Trainer, TrainerCallback, set_seed
@@ -135,6 +138,7 @@ class DiffusionNFTTrainer(Trainer):
             if isinstance(component, torch.nn.Module):
                 component.requires_grad_(False).eval()  # no dropout in frozen encoders, the VAE, or the reference
         denoiser = self.adapter.denoiser
+        _speak_transformers_trainer(denoiser)
         set_seed(args.seed)  # LoRA initialisation draws from the global generator
         self._setup_policies(denoiser, args, peft_config)
         self._check_reward_funcs(train_dataset)
@@ -163,6 +167,7 @@ class DiffusionNFTTrainer(Trainer):
         self._step = 0  # micro-steps taken, to know when a new rollout is due
         self._buffered_inputs: list[dict] | None = None
         self._metrics: dict[str, list[float]] = defaultdict(list)
+        self._loss_parts: list[torch.Tensor] = []  # per time, reduced to metrics once per micro-step
 
     # ------------------------------------------------------------------ set-up
 
@@ -327,7 +332,7 @@ class DiffusionNFTTrainer(Trainer):
             for i, value in enumerate(output):
                 if value is None:
                     continue
-                if not isinstance(value, int | float) or math.isnan(value) or math.isinf(value):
+                if not isinstance(value, numbers.Real) or not math.isfinite(value):
                     raise ValueError(
                         f"Reward function {name!r} returned {value!r} for image {i} (prompt {prompts[i]!r}); rewards must "
                         "be finite floats, or None where the reward does not apply."
@@ -382,8 +387,9 @@ class DiffusionNFTTrainer(Trainer):
     # ------------------------------------------------------------------ training
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
-        """One micro-step: for each of a random subset of the rollout's times, noise the clean latents afresh and
-        back-propagate the NFT loss (one backward per time, as the released code does, to bound memory)."""
+        """One micro-step on this process's slice of the rollout. Each image is trained at a random subset of the
+        rollout's times, with fresh noise: the old (and reference) velocities of all those times are computed first,
+        then each time's policy loss is back-propagated on its own, as in the released code, to bound memory."""
         model.train()
         batch = self._prepare_inputs(inputs)
         start = time.perf_counter()
@@ -394,23 +400,44 @@ class DiffusionNFTTrainer(Trainer):
         times = torch.stack(
             [torch.randperm(num_times, generator=generator)[:num_train_times] for _ in range(num_images)]
         )
-        scale = 1.0 / (num_train_times * self.current_gradient_accumulation_steps)
-
-        total = torch.zeros((), device=clean.device)
+        samples = []
         for j in range(num_train_times):
-            inputs = {
-                **batch,
-                "sigmas": time_grid[times[:, j].to(time_grid.device)],
-                "noise": torch.randn(clean.shape, generator=generator).to(clean),
-            }
+            sigmas = time_grid[times[:, j].to(time_grid.device)]
+            noise = torch.randn(clean.shape, generator=generator).to(clean)
+            noisy, _ = forward_process(clean, noise, sigmas)
+            samples.append({**batch, "sigmas": sigmas, "noise": noise, "noisy": noisy, "reference_velocity": None})
+
+        # One switch to each frozen policy per micro-step, not one per time.
+        conditioning = batch["conditioning"]
+        with torch.no_grad():
+            with self._acting_as_old_policy() as old_policy:
+                for sample in samples:
+                    sample["old_velocity"] = self.adapter.predict_velocity(
+                        old_policy, sample["noisy"], sample["sigmas"], conditioning
+                    )
+            if self.args.kl_coef > 0:
+                with self._acting_as_reference() as reference:
+                    for sample in samples:
+                        sample["reference_velocity"] = self.adapter.predict_velocity(
+                            reference, sample["noisy"], sample["sigmas"], conditioning
+                        )
+
+        scale = 1.0 / (num_train_times * self.current_gradient_accumulation_steps)
+        total = torch.zeros((), device=clean.device)
+        for j, sample in enumerate(samples):
             # Gradients are all-reduced once, with the last time's backward.
             sync = contextlib.nullcontext() if j == num_train_times - 1 else self.accelerator.no_sync(model)
             with sync:
                 with self.compute_loss_context_manager():
-                    loss = self.compute_loss(model, inputs)
+                    loss = self.compute_loss(model, sample)
                 self.accelerator.backward(loss * scale)
             total += loss.detach() * scale
 
+        # Loss parts: mean over times on this process, then over processes; one host sync per micro-step.
+        parts = self.accelerator.gather(torch.stack(self._loss_parts).mean(dim=0)).view(-1, 3).mean(dim=0).tolist()
+        self._loss_parts.clear()
+        for name, value in zip(("positive", "negative", "kl"), parts, strict=True):
+            self._metrics[f"loss/{name}"].append(value)
         self._step += 1
         train_time = time.perf_counter() - start
         self._metrics["timing/train_seconds"].append(train_time)
@@ -418,34 +445,28 @@ class DiffusionNFTTrainer(Trainer):
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None) -> torch.Tensor:
-        """The NFT loss of one forward-process sample per image (`inputs`: clean `latents`, `noise`, `sigmas`,
-        `conditioning`, `optimality`). The old and reference velocities are constants."""
-        conditioning, sigmas = inputs["conditioning"], inputs["sigmas"]
-        noisy, _ = forward_process(inputs["latents"], inputs["noise"], sigmas)
-        with torch.no_grad():
-            with self._acting_as_old_policy() as old_policy:
-                old_velocity = self.adapter.predict_velocity(old_policy, noisy, sigmas, conditioning)
-            reference_velocity = None
-            if self.args.kl_coef > 0:
-                with self._acting_as_reference() as reference:
-                    reference_velocity = self.adapter.predict_velocity(reference, noisy, sigmas, conditioning).float()
-        policy_velocity = self.adapter.predict_velocity(model, noisy, sigmas, conditioning)
+        """The NFT loss of one forward-process sample per image. `inputs` holds the clean `latents`, the `noise`, the
+        times `sigmas`, the `noisy` latents, the `conditioning`, the `optimality` and the frozen `old_velocity` and
+        `reference_velocity` (None when `kl_coef` is 0)."""
+        policy_velocity = self.adapter.predict_velocity(
+            model, inputs["noisy"], inputs["sigmas"], inputs["conditioning"]
+        )
+        reference_velocity = inputs["reference_velocity"]
         loss = nft_loss(
             policy_velocity.float(),
-            old_velocity.float(),
-            noisy.float(),
+            inputs["old_velocity"].float(),
+            inputs["noisy"].float(),
             inputs["latents"].float(),
             inputs["noise"].float(),
-            sigmas,
+            inputs["sigmas"],
             inputs["optimality"],
             beta=self.args.beta,
             loss_type=self.args.loss_type,
             advantage_clip=self.args.advantage_clip,
-            reference_velocity=reference_velocity,
+            reference_velocity=None if reference_velocity is None else reference_velocity.float(),
             kl_coef=self.args.kl_coef,
         )
-        for part in ("positive", "negative", "kl"):
-            self._metrics[f"loss/{part}"].append(getattr(loss, part).item())
+        self._loss_parts.append(torch.stack([loss.positive, loss.negative, loss.kl]))
         return loss.loss
 
     def update_old_policy(self, step: int) -> None:
@@ -470,7 +491,8 @@ class DiffusionNFTTrainer(Trainer):
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
         rows = [dataset[i] for i in range(len(dataset))]
         # Padding gives every process the same count (the last row repeated) so that the gather lines up.
-        with self.accelerator.split_between_processes(rows, apply_padding=True) as local_rows:
+        split = self.accelerator.split_between_processes(rows, apply_padding=True)
+        with split as local_rows, _eval_mode(self.adapter.denoiser):
             generator = torch.Generator(device="cpu").manual_seed(self.args.seed + self.accelerator.process_index)
             chunk = self.args.per_device_eval_batch_size
             _, latents, _ = self._sample([row["prompt"] for row in local_rows], generator, chunk)
@@ -542,6 +564,27 @@ class DiffusionNFTTrainer(Trainer):
                     raise ValueError(f"Can't resume from {resume_from_checkpoint}: {folder} is missing.")
                 loaded = type(module).from_pretrained(folder, torch_dtype=torch.float32)
                 module.load_state_dict(loaded.state_dict())
+
+
+class _LoggableConfig(FrozenDict):
+    """A diffusers model config that also has the `to_dict()`/`to_json_string()` that transformers' loggers call."""
+
+    def to_dict(self) -> dict:
+        return dict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def _speak_transformers_trainer(denoiser: torch.nn.Module) -> None:
+    """Let `transformers.Trainer` drive a diffusers model: its loggers read `model.config` as a transformers config,
+    and it enables activation checkpointing through the transformers method names."""
+    denoiser._internal_dict = _LoggableConfig(denoiser.config)
+
+    def enable_checkpointing(**kwargs):
+        denoiser.enable_gradient_checkpointing()
+
+    denoiser.activation_checkpointing_enable = denoiser.gradient_checkpointing_enable = enable_checkpointing
 
 
 @contextlib.contextmanager

@@ -17,6 +17,10 @@ def build_flow_sampler(
     `sampler_kwargs` override the resulting config (e.g. `{"solver_order": 1}`).
     """
     if isinstance(sampler, SchedulerMixin):
+        if sampler_kwargs:
+            raise ValueError(
+                "sampler_kwargs only apply to a sampler given by class name; configure the instance itself."
+            )
         return sampler
     scheduler_class = getattr(diffusers, sampler, None)
     if not (inspect.isclass(scheduler_class) and issubclass(scheduler_class, SchedulerMixin)):
