@@ -175,3 +175,21 @@ def test_soft_update_is_an_ema():
     torch.testing.assert_close(old[1], torch.full((2,), 0.75))
     soft_update_(old, new, decay=0.0)
     torch.testing.assert_close(old[0], new[0])
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_vp_output_converts_to_the_flow_velocity(prediction_type):
+    from trl_nft.objective import vp_flow_time, vp_output_to_flow_velocity
+
+    clean, noise, _, _, _, _ = _batch(seed=3)
+    alpha_bar = torch.tensor([0.99, 0.7, 0.3, 0.01], dtype=torch.float64)
+    alphas, sigmas = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    a, s = alphas.view(-1, 1, 1, 1), sigmas.view(-1, 1, 1, 1)
+    vp_noisy = a * clean + s * noise
+    # The VP latent is the flow point at s = sigma / (alpha + sigma), scaled by alpha + sigma.
+    flow_noisy, target = forward_process(clean, noise, vp_flow_time(alphas, sigmas))
+    torch.testing.assert_close(vp_noisy, (a + s) * flow_noisy)
+    # A perfect network output maps to the flow target velocity eps - x0.
+    perfect = noise if prediction_type == "epsilon" else a * noise - s * clean
+    velocity = vp_output_to_flow_velocity(perfect, vp_noisy, alphas, sigmas, prediction_type)
+    torch.testing.assert_close(velocity, target)

@@ -172,3 +172,31 @@ def _adaptive_x0_loss(prediction: torch.Tensor, clean: torch.Tensor) -> torch.Te
     with torch.no_grad():
         weight = _mean_per_sample((prediction.double() - clean.double()).abs()).clamp(min=1e-5)
     return (_mean_per_sample((prediction - clean) ** 2) / weight).to(prediction.dtype)
+
+
+def vp_flow_time(alphas: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    r"""The flow time of a VP noise level: `x_t = alpha x_0 + sigma eps` is `(alpha + sigma) x_s` with
+    `x_s = (1 - s) x_0 + s eps` and `s = sigma / (alpha + sigma)`. VP models (SD1.x, SDXL) train on the flow
+    objective at these times."""
+    return sigmas / (alphas + sigmas)
+
+
+def vp_output_to_flow_velocity(
+    output: torch.Tensor, vp_noisy: torch.Tensor, alphas: torch.Tensor, sigmas: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    r"""Flow velocity `v = eps_hat - x0_hat` of a VP model's output at `x_t = alpha x_0 + sigma eps`.
+
+    `"epsilon"`: `eps_hat = output`, `x0_hat = (x_t - sigma eps_hat) / alpha`. `"v_prediction"`: `x0_hat = alpha x_t -
+    sigma output`, `eps_hat = sigma x_t + alpha output` (with `alpha^2 + sigma^2 = 1`). Both are affine in the network
+    output, so the NFT policy mixing `v_old +- beta (v_theta - v_old)` holds for the network output exactly.
+    """
+    alpha, sigma = _per_sample(alphas, output), _per_sample(sigmas, output)
+    if prediction_type == "epsilon":
+        epsilon = output
+        clean = (vp_noisy - sigma * output) / alpha
+    elif prediction_type == "v_prediction":
+        epsilon = sigma * vp_noisy + alpha * output
+        clean = alpha * vp_noisy - sigma * output
+    else:
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}.")
+    return epsilon - clean

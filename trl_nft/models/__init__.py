@@ -6,15 +6,16 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .base import DiffusionAdapter, Rollout
+from .sd import StableDiffusionAdapter
 from .sd3 import SD3Adapter
-from .tiny import TINY_SD3_RESOLUTION, build_tiny_sd3
+from .tiny import TINY_SD3_RESOLUTION, build_tiny_sd, build_tiny_sd3
 
 
 #: Adapters by model family, looked up by the pipeline's class.
-ADAPTERS: list[type[DiffusionAdapter]] = [SD3Adapter]
+ADAPTERS: list[type[DiffusionAdapter]] = [SD3Adapter, StableDiffusionAdapter]
 
 #: Names that build a pipeline offline instead of loading one.
-EMBEDDED_MODELS = {"tiny-sd3": build_tiny_sd3}
+EMBEDDED_MODELS = {"tiny-sd3": build_tiny_sd3, "tiny-sd": build_tiny_sd}
 
 
 def load_pipeline(model: str | DiffusionPipeline, torch_dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
@@ -51,6 +52,8 @@ __all__ = [
     "DiffusionAdapter",
     "Rollout",
     "SD3Adapter",
+    "StableDiffusionAdapter",
+    "build_tiny_sd",
     "build_tiny_sd3",
     "get_adapter",
     "load_pipeline",

@@ -1,4 +1,4 @@
-"""Rollout samplers: any diffusers scheduler, by class name or instance, set up for rectified-flow models."""
+"""Rollout samplers: any diffusers scheduler, by class name or instance, set up for the model's kind of diffusion."""
 
 import inspect
 
@@ -6,15 +6,19 @@ import diffusers
 from diffusers import SchedulerMixin
 
 
-def build_flow_sampler(
-    sampler: str | SchedulerMixin, base_scheduler: SchedulerMixin, sampler_kwargs: dict | None = None
+def build_sampler(
+    sampler: str | SchedulerMixin,
+    base_scheduler: SchedulerMixin,
+    sampler_kwargs: dict | None = None,
+    flow: bool = True,
 ) -> SchedulerMixin:
-    """A scheduler that samples the flow model whose own scheduler is `base_scheduler`.
+    """A scheduler that samples the model whose own scheduler is `base_scheduler`.
 
-    An instance is used as is. A class name builds that class from `base_scheduler`'s config; a flow-matching class
-    (`FlowMatch*`) samples the flow as it is, any other class that supports flow sigmas (DPM-Solver++, UniPC, DEIS,
-    SA-Solver, ...) is switched to `use_flow_sigmas=True, prediction_type="flow_prediction"` with the model's shift.
-    `sampler_kwargs` override the resulting config (e.g. `{"solver_order": 1}`).
+    An instance is used as is. A class name builds that class from `base_scheduler`'s config. For a rectified-flow
+    model (`flow=True`), a flow-matching class (`FlowMatch*`) samples the flow as it is, and any other class that
+    supports flow sigmas (DPM-Solver++, UniPC, DEIS, SA-Solver, ...) is switched to `use_flow_sigmas=True,
+    prediction_type="flow_prediction"` with the model's shift. For a VP model (`flow=False`), flow-matching classes are
+    refused. `sampler_kwargs` override the resulting config (e.g. `{"solver_order": 1}`).
     """
     if isinstance(sampler, SchedulerMixin):
         if sampler_kwargs:
@@ -27,8 +31,11 @@ def build_flow_sampler(
         raise ValueError(
             f"sampler={sampler!r} is not a diffusers scheduler class (e.g. 'DPMSolverMultistepScheduler')."
         )
-    kwargs = {}
-    if not sampler.startswith("FlowMatch"):
+    config, kwargs = dict(base_scheduler.config), {}
+    if not flow:
+        if sampler.startswith("FlowMatch"):
+            raise ValueError(f"sampler={sampler!r} samples rectified-flow models; this is a VP diffusion model.")
+    elif not sampler.startswith("FlowMatch"):
         if "use_flow_sigmas" not in inspect.signature(scheduler_class.__init__).parameters:
             raise ValueError(
                 f"sampler={sampler!r} cannot sample a rectified-flow model: use a FlowMatch* scheduler or one that "
@@ -37,7 +44,6 @@ def build_flow_sampler(
         kwargs = {
             "use_flow_sigmas": True,
             "prediction_type": "flow_prediction",
-            "flow_shift": base_scheduler.config.get("shift", 1.0),
+            "flow_shift": config.pop("shift", 1.0),
         }
-    config = {key: value for key, value in base_scheduler.config.items() if key != "shift" or not kwargs}
     return scheduler_class.from_config(config, **kwargs, **(sampler_kwargs or {}))

@@ -5,7 +5,7 @@ from diffusers import StableDiffusion3Pipeline
 from torch import nn
 
 from .base import DiffusionAdapter, Rollout
-from .samplers import build_flow_sampler
+from .samplers import build_sampler
 
 
 class SD3Adapter(DiffusionAdapter):
@@ -42,7 +42,7 @@ class SD3Adapter(DiffusionAdapter):
             )
 
     def set_sampler(self, sampler, sampler_kwargs=None) -> None:
-        self.pipeline.scheduler = build_flow_sampler(sampler, self.pipeline.scheduler, sampler_kwargs)
+        self.pipeline.scheduler = build_sampler(sampler, self.pipeline.scheduler, sampler_kwargs, flow=True)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], negative: bool) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The embedded default model: a tiny random-weight SD3 pipeline built entirely offline.
+"""Embedded models: tiny random-weight pipelines built entirely offline (`tiny-sd3`, the default, and `tiny-sd`).
 
 Nothing here touches the network: the tokenizers are built from an in-memory vocabulary and every module from a
 config, so `DiffusionNFTTrainer(model="tiny-sd3", ...)` works on a fresh machine without a Hub cache. The pipeline is
@@ -9,9 +9,18 @@ very small; weights are a deterministic function of `seed`.
 import string
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
 from transformers import (
     CLIPTextConfig,
+    CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     T5Config,
@@ -116,6 +125,74 @@ def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
         text_encoder_3=text_encoder_3,
         tokenizer_3=t5_tokenizer,
     )
+    return _as_loaded(pipeline)
+
+
+def build_tiny_sd(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
+    """Build a tiny SD1.x-style pipeline (64 px, 4 latent channels, VAE scale 4, UNet with cross-attention, DDIM with
+    SD's scaled-linear betas) with weights fixed by `seed`; `prediction_type` is `"epsilon"` or `"v_prediction"`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = _clip_tokenizer()
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                num_hidden_layers=2,
+                max_position_embeddings=77,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        unet = UNet2DConditionModel(
+            sample_size=TINY_SD3_RESOLUTION // 4,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(8, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=TINY_SD3_RESOLUTION,
+        )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    return _as_loaded(pipeline)
+
+
+def _as_loaded(pipeline):
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()  # as `from_pretrained` leaves them: T5's dropout would make prompts random

@@ -1,0 +1,62 @@
+"""The SD1.x adapter (UNet, VP schedule): DiffusionNFT trains it as a flow model, and its LoRA loads in diffusers."""
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from trl_nft import DiffusionNFTTrainer, build_tiny_sd
+from trl_nft.models import StableDiffusionAdapter
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_rollout_times_map_back_to_their_timesteps(prediction_type):
+    adapter = StableDiffusionAdapter(build_tiny_sd(prediction_type=prediction_type))
+    adapter.set_sampler("DDIMScheduler")
+    adapter.pipeline.scheduler.set_timesteps(10)
+    timesteps = adapter.pipeline.scheduler.timesteps
+    flow_times = adapter._flow_times[timesteps]
+    assert torch.equal(adapter._timesteps_of(flow_times), timesteps)
+    assert torch.all(flow_times[:-1] > flow_times[1:])  # noisier first
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_trains_saves_and_reloads_in_diffusers(make_config, prompts_dataset, tmp_path, prediction_type):
+    pipeline = build_tiny_sd(prediction_type=prediction_type)
+    config = make_config(sampler="DDIMScheduler", learning_rate=1e-2, kl_coef=1e-3)
+    trainer = DiffusionNFTTrainer(pipeline, "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    trainer.save_model(str(tmp_path / "lora"))
+
+    def images(pipe):
+        generator = torch.Generator().manual_seed(5)
+        prompts = ["a photo of object number 3"]
+        output = pipe(prompts, num_inference_steps=4, guidance_scale=1.0, generator=generator, output_type="np")
+        return np.asarray(output.images)
+
+    expected = images(trainer.pipeline)
+    fresh = build_tiny_sd(prediction_type=prediction_type)
+    fresh.scheduler = type(trainer.pipeline.scheduler).from_config(trainer.pipeline.scheduler.config)
+    base = images(fresh)
+    fresh.load_lora_weights(str(tmp_path / "lora"))
+    loaded = images(fresh)
+    assert np.abs(loaded - base).max() > 1e-3, "training should have changed the policy"
+    assert np.abs(loaded - expected).max() <= 1e-4
+
+
+def test_a_pipeline_without_unet_is_refused(make_config, prompts_dataset):
+    pipeline = build_tiny_sd()
+    pipeline.unet = None
+    with pytest.raises(ValueError, match="has no UNet"):
+        DiffusionNFTTrainer(pipeline, "jpeg_compressibility", args=make_config(), train_dataset=prompts_dataset)
+
+
+def test_flow_samplers_are_refused_for_a_vp_model(make_config, prompts_dataset):
+    with pytest.raises(ValueError, match="samples rectified-flow models"):
+        DiffusionNFTTrainer(
+            "tiny-sd",
+            "jpeg_compressibility",
+            args=make_config(sampler="FlowMatchEulerDiscreteScheduler"),
+            train_dataset=Dataset.from_dict({"prompt": ["a", "b"]}),
+        )
