@@ -69,6 +69,20 @@ class DiffusionAdapter:
         """Run the family's diffusers pipeline from precomputed conditioning and return the clean latents."""
         raise NotImplementedError
 
+    @torch.no_grad()
+    def _pipeline_latents(self, conditioning, num_inference_steps, guidance_scale, resolution, generator, **extra):
+        """Clean latents from the family's pipeline, run from precomputed conditioning (`extra`: family options)."""
+        return self.pipeline(
+            **conditioning,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=resolution,
+            width=resolution,
+            generator=generator,
+            output_type="latent",
+            **extra,
+        ).images
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Decode latents to images as a float tensor `[B, 3, H, W]` in `[0, 1]`."""
         raise NotImplementedError

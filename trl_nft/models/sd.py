@@ -55,15 +55,7 @@ class StableDiffusionAdapter(DiffusionAdapter):
 
     @torch.no_grad()
     def sample(self, conditioning, num_inference_steps, guidance_scale, resolution, generator) -> Rollout:
-        latents = self.pipeline(
-            **conditioning,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=resolution,
-            width=resolution,
-            generator=generator,
-            output_type="latent",
-        ).images
+        latents = self._pipeline_latents(conditioning, num_inference_steps, guidance_scale, resolution, generator)
         timesteps = torch.unique(self.pipeline.scheduler.timesteps.long(), sorted=True).flip(0)
         alphas, sigmas = self._alpha_sigma(timesteps)
         return Rollout(latents=latents, sigmas=vp_flow_time(alphas, sigmas).to(latents.device))

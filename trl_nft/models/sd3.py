@@ -61,16 +61,14 @@ class SD3Adapter(DiffusionAdapter):
 
     @torch.no_grad()
     def sample(self, conditioning, num_inference_steps, guidance_scale, resolution, generator) -> Rollout:
-        latents = self.pipeline(
-            **conditioning,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=resolution,
-            width=resolution,
-            generator=generator,
-            output_type="latent",
+        latents = self._pipeline_latents(
+            conditioning,
+            num_inference_steps,
+            guidance_scale,
+            resolution,
+            generator,
             max_sequence_length=self.max_sequence_length,
-        ).images
+        )
         scheduler = self.pipeline.scheduler
         # The times at which the sampler queried the denoiser, as noise levels t in (0, 1] (the model's own
         # conditioning, `timestep = 1000 t`). Second-order samplers such as Heun query some times twice.

@@ -48,6 +48,21 @@ def _t5_tokenizer() -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
+def _clip_text_config(tokenizer: CLIPTokenizer, **extra) -> CLIPTextConfig:
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **extra,
+    )
+
+
 def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
     """Build the tiny SD3 pipeline (64 px, 16 latent channels, VAE scale 8) with weights fixed by `seed`."""
     with torch.random.fork_rng(devices=[]):
@@ -55,23 +70,8 @@ def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
         clip_tokenizer = _clip_tokenizer()
         t5_tokenizer = _t5_tokenizer()
 
-        def clip_encoder():
-            return CLIPTextModelWithProjection(
-                CLIPTextConfig(
-                    vocab_size=len(clip_tokenizer),
-                    hidden_size=32,
-                    intermediate_size=64,
-                    num_attention_heads=4,
-                    num_hidden_layers=2,
-                    projection_dim=32,
-                    max_position_embeddings=77,
-                    bos_token_id=clip_tokenizer.bos_token_id,
-                    eos_token_id=clip_tokenizer.eos_token_id,
-                    pad_token_id=clip_tokenizer.pad_token_id,
-                )
-            )
-
-        text_encoder, text_encoder_2 = clip_encoder(), clip_encoder()
+        text_encoder = CLIPTextModelWithProjection(_clip_text_config(clip_tokenizer, projection_dim=32))
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(clip_tokenizer, projection_dim=32))
         text_encoder_3 = T5EncoderModel(
             T5Config(
                 vocab_size=len(t5_tokenizer),
@@ -134,19 +134,7 @@ def build_tiny_sd(seed: int = 0, prediction_type: str = "epsilon") -> StableDiff
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = _clip_tokenizer()
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=32,
-                intermediate_size=64,
-                num_attention_heads=4,
-                num_hidden_layers=2,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
         unet = UNet2DConditionModel(
             sample_size=TINY_SD3_RESOLUTION // 4,
             in_channels=4,
