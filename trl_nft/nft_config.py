@@ -74,6 +74,16 @@ class NFTConfig(TrainingArguments):
     old_policy_decay_delay (`int`, *optional*, defaults to `0`):
         Steps during which the linear schedule stays at 0 (fully on-policy). The released OCR run uses `75`.
 
+    > Parameters that control watching the run
+
+    sample_logging_steps (`int`, *optional*, defaults to `50`):
+        Every this many optimizer steps, save a grid of the latest rollout's images with prompts and rewards to
+        `output_dir/samples/` and send it to the image-capable loggers in `report_to`. `0` turns it off.
+    sample_logging_num_images (`int`, *optional*, defaults to `8`):
+        Images in each sample grid.
+    early_stopping_reward (`float` or `None`, *optional*, defaults to `None`):
+        Stop training once the logged training reward reaches this value.
+
     > Parameters that control the adapters
 
     use_peft (`bool`, *optional*, defaults to `True`):
@@ -149,6 +159,15 @@ class NFTConfig(TrainingArguments):
     old_policy_decay_max: float = field(default=0.5, metadata={"help": "Ceiling (linear) or value (constant)."})
     old_policy_decay_delay: int = field(default=0, metadata={"help": "Steps at decay 0 before the linear ramp."})
 
+    # Watching the run
+    sample_logging_steps: int = field(
+        default=50, metadata={"help": "Save and log a grid of rollout images every N steps (0: off)."}
+    )
+    sample_logging_num_images: int = field(default=8, metadata={"help": "Images per sample grid."})
+    early_stopping_reward: float | None = field(
+        default=None, metadata={"help": "Stop once the logged training reward reaches this value."}
+    )
+
     # Adapters
     use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (False: full fine-tuning)."})
     lora_r: int = field(default=32, metadata={"help": "LoRA rank."})
@@ -187,6 +206,8 @@ class NFTConfig(TrainingArguments):
         check(0 <= self.old_policy_decay_max < 1, "old_policy_decay_max", "it must be in [0, 1)")
         check(self.old_policy_decay_delay >= 0, "old_policy_decay_delay", "it must be non-negative")
         check(self.lora_r >= 1, "lora_r", "it must be at least 1")
+        check(self.sample_logging_steps >= 0, "sample_logging_steps", "it must be 0 (off) or positive")
+        check(self.sample_logging_num_images >= 1, "sample_logging_num_images", "it must be at least 1")
         if self.reward_weights is not None and any(w != w for w in self.reward_weights):
             raise ValueError("reward_weights contains NaN.")
 

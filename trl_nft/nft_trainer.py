@@ -24,6 +24,7 @@ from PIL import Image
 from transformers import Trainer, TrainerCallback, set_seed
 from trl.trainer.utils import RepeatSampler
 
+from .callbacks import EarlyStoppingAtRewardCallback, SampleLoggingCallback
 from .models import get_adapter, load_pipeline
 from .nft_config import NFTConfig
 from .objective import (
@@ -163,6 +164,11 @@ class DiffusionNFTTrainer(Trainer):
             if module is not None:
                 module.to(self.accelerator.device)
         self.add_callback(OldPolicyUpdateCallback(self))
+        if args.sample_logging_steps:
+            self.add_callback(SampleLoggingCallback(self, args.sample_logging_steps, args.sample_logging_num_images))
+        if args.early_stopping_reward is not None:
+            self.add_callback(EarlyStoppingAtRewardCallback(args.early_stopping_reward))
+        self.last_rollout_samples: tuple[list, list, list] | None = None  # (images, prompts, rewards), this process
 
         self._step = 0  # micro-steps taken, to know when a new rollout is due
         self._buffered_inputs: list[dict] | None = None
@@ -377,6 +383,7 @@ class DiffusionNFTTrainer(Trainer):
         self._metrics["timing/rollout_seconds"].append(rollout_time)
         self._metrics["timing/reward_seconds"].append(reward_time)
         self._metrics["rollout/images_per_second"].append(len(rows) / rollout_time)
+        self.last_rollout_samples = (images, prompts, rewards[local].tolist())
         return {
             "latents": latents,
             "conditioning": conditioning,
