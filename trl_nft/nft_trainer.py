@@ -297,10 +297,11 @@ class DiffusionNFTTrainer(Trainer):
     ) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """Sample one image per prompt with the pipeline's current denoiser; returns per-image conditioning, clean
         latents and the sampler's time grid. Each unique prompt is encoded once."""
-        unique = list(dict.fromkeys(prompts))
+        position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
+        unique = list(position)
         cfg = self.args.guidance_scale > 1.0
         encoded = self.adapter.encode_prompts(unique, negative=cfg)
-        index = torch.tensor([unique.index(p) for p in prompts], device=self.accelerator.device)
+        index = torch.tensor([position[p] for p in prompts], device=self.accelerator.device)
         conditioning = {key: value[index] for key, value in encoded.items()}
         latents = []
         for start in range(0, len(prompts), chunk_size):
