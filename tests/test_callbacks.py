@@ -1,9 +1,12 @@
-"""Watching a run: sample grids on disk and in TensorBoard, early stopping at a target reward."""
+"""Watching a run: sample grids on disk and in TensorBoard, early stopping at a target reward, the reward-hacking
+guard."""
 
+import pytest
 from PIL import Image
+from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from trl_nft import DiffusionNFTTrainer
-from trl_nft.callbacks import sample_grid
+from trl_nft.callbacks import RewardHackingGuardCallback, sample_grid
 
 
 def test_sample_grids_land_on_disk_and_in_tensorboard(make_config, prompts_dataset, tmp_path):
@@ -38,3 +41,70 @@ def test_sample_grid_layout():
     grid = sample_grid(images, [f"prompt {i}" for i in range(6)], [float(i) for i in range(6)], columns=4)
     assert grid.size == (4 * 32, 2 * (32 + 12))
     assert grid.getpixel((32 + 5, 12 + 5)) == (40, 0, 0)  # the second image, below its caption
+
+
+def _guard_run(history, patience=2, stop=True):
+    """Feed (training reward, held-out value) pairs, one evaluation each; return the step at which training stops."""
+    guard = RewardHackingGuardCallback("eval_rewards/judge/mean", patience=patience, stop=stop)
+    for step, (train_reward, held_out) in enumerate(history, start=1):
+        control, state = TrainerControl(), TrainerState(global_step=step)
+        guard.on_log(None, state, control, logs={"reward": train_reward})
+        guard.on_evaluate(None, state, control, metrics={"eval_rewards/judge/mean": held_out})
+        if control.should_training_stop:
+            return step
+    return None
+
+
+def test_reward_hacking_guard_rule():
+    # Held-out below its best (0.5 at step 1) while training reward is above its value then: strikes at 2 and 3.
+    assert _guard_run([(1.0, 0.5), (1.2, 0.4), (1.5, 0.3), (1.6, 0.2)]) == 3
+    assert _guard_run([(1.0, 0.5), (1.2, 0.4), (1.5, 0.3)], patience=3) is None
+    # Both falling is not hacking; a new held-out best resets the count.
+    assert _guard_run([(1.0, 0.5), (0.9, 0.4), (0.8, 0.3)]) is None
+    assert _guard_run([(1.0, 0.5), (1.2, 0.4), (1.3, 0.6), (1.4, 0.5)]) is None
+    # "warn" never stops.
+    assert _guard_run([(1.0, 0.5), (1.2, 0.4), (1.5, 0.3)], stop=False) is None
+
+
+def test_reward_hacking_guard_stops_a_run_whose_held_out_reward_falls(make_config, prompts_dataset, caplog):
+    state = {"judge_calls": 0, "step": 0}
+
+    def rising(images, prompts, **kwargs):  # a training reward that rises step after step
+        return [float(state["step"]) + 0.01 * i for i in range(len(images))]
+
+    def judge(images, prompts, **kwargs):  # a held-out judge that falls at each evaluation
+        state["judge_calls"] += 1
+        return [-float(state["judge_calls"])] * len(images)
+
+    class CountSteps(TrainerCallback):
+        def on_step_begin(self, args, trainer_state, control, **kwargs):
+            state["step"] = trainer_state.global_step + 1
+
+    config = make_config(max_steps=6, eval_strategy="steps", eval_steps=1, reward_hacking_guard="stop")
+    trainer = DiffusionNFTTrainer(
+        "tiny-sd3",
+        rising,
+        args=config,
+        train_dataset=prompts_dataset,
+        eval_dataset=prompts_dataset.select(range(2)),
+        eval_reward_funcs=judge,
+        callbacks=[CountSteps()],
+    )
+    with caplog.at_level("WARNING"):
+        trainer.train()
+    assert trainer.state.global_step == 3  # best at step 1, strikes at steps 2 and 3
+    assert "Possible reward hacking at step 3: eval_rewards/judge/mean" in caplog.text
+    evaluations = [entry for entry in trainer.state.log_history if "eval_reward" in entry]
+    assert [entry["eval_rewards/judge/mean"] for entry in evaluations] == [-2.0, -3.0, -4.0]  # call 1: the probe
+
+
+def test_unknown_reward_hacking_metric_lists_the_known_ones(make_config, prompts_dataset):
+    config = make_config(reward_hacking_metric="eval_rewards/nope/mean")
+    with pytest.raises(ValueError, match=r"reward_hacking_metric='eval_rewards/nope/mean'.*eval_reward"):
+        DiffusionNFTTrainer(
+            "tiny-sd3",
+            "jpeg_incompressibility",
+            args=config,
+            train_dataset=prompts_dataset,
+            eval_dataset=prompts_dataset.select(range(2)),
+        )

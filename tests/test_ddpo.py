@@ -32,7 +32,7 @@ def test_a_ddpo_script_runs_unchanged(pretrained_model, tmp_path):
 
     def image_outputs_logger(image_data, global_step, accelerate_logger):
         images, prompts, _, rewards, _ = image_data[-1]
-        logged.append((global_step, images.shape, len(prompts), rewards.shape))
+        logged.append((global_step, len(image_data), images.shape, len(prompts), rewards.shape))
 
     ddpo_config = DDPOConfig(
         num_epochs=2,
@@ -51,7 +51,8 @@ def test_a_ddpo_script_runs_unchanged(pretrained_model, tmp_path):
 
     assert trainer.state.global_step == 2
     assert [entry[0] for entry in logged] == [0, 1]
-    assert all(shape == (8, 3, 64, 64) and n == 8 and r == (8,) for _, shape, n, r in logged)
+    # As in DDPO: one entry per sample batch (sample_num_batches_per_epoch batches of sample_batch_size images).
+    assert all(b == 2 and shape == (4, 3, 64, 64) and n == 4 and r == (4,) for _, b, shape, n, r in logged)
     log = next(entry for entry in trainer.state.log_history if "reward" in entry)
     assert "rewards/aesthetic_scorer/mean" in log
 

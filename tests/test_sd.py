@@ -35,7 +35,8 @@ def test_trains_saves_and_reloads_in_diffusers(make_config, prompts_dataset, tmp
         output = pipe(prompts, num_inference_steps=4, guidance_scale=1.0, generator=generator, output_type="np")
         return np.asarray(output.images)
 
-    expected = images(trainer.pipeline)
+    with trainer._evaluation_weights():  # what is saved: the EMA of the trained weights
+        expected = images(trainer.pipeline)
     fresh = build_tiny_sd(prediction_type=prediction_type)
     fresh.scheduler = type(trainer.pipeline.scheduler).from_config(trainer.pipeline.scheduler.config)
     base = images(fresh)

@@ -1,12 +1,14 @@
 """DiffusionNFTTrainer on the embedded tiny SD3 model: the loop, saving, resuming and bad input."""
 
 import math
+import threading
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from transformers import TrainerCallback
 
 from trl_nft import DiffusionNFTTrainer, build_tiny_sd3
 
@@ -146,10 +148,11 @@ def test_full_fine_tuning_uses_an_ema_old_policy(make_config, prompts_dataset, t
         torch.testing.assert_close(old, 0.001 * first + 0.999 * new.detach())
     for ref, first in zip(trainer.ref_model.parameters(), start, strict=True):
         assert torch.equal(ref, first)
+    # What is saved is the EMA of the trained weights, whose decay is min(1 / 10, 0.9) after the first step.
     trainer.save_model(str(tmp_path / "full"))
     loaded = SD3Transformer2DModel.from_pretrained(str(tmp_path / "full"), subfolder="transformer")
-    for a, b in zip(loaded.parameters(), trained, strict=True):
-        assert torch.equal(a, b.detach())
+    for saved, first, new in zip(loaded.parameters(), start, trained, strict=True):
+        torch.testing.assert_close(saved, 0.1 * first + 0.9 * new.detach())
 
 
 def _policy_images(pipeline, prompts, seed=123):
@@ -171,7 +174,8 @@ def test_saved_lora_reproduces_the_trained_policy_in_a_fresh_pipeline(make_confi
     trainer.train()
     trainer.save_model(str(tmp_path / "lora"))
     prompts = ["a photo of object number 3", "something else"]
-    expected = _policy_images(trainer.pipeline, prompts)
+    with trainer._evaluation_weights():  # what is saved and evaluated: the EMA of the trained weights
+        expected = _policy_images(trainer.pipeline, prompts)
 
     fresh = build_tiny_sd3()
     fresh.scheduler = trainer.pipeline.scheduler.__class__.from_config(trainer.pipeline.scheduler.config)
@@ -184,7 +188,7 @@ def test_saved_lora_reproduces_the_trained_policy_in_a_fresh_pipeline(make_confi
 
 
 def _lora_weights(trainer):
-    return [p.detach().clone() for p in trainer._trained_params + trainer._old_params]
+    return [p.detach().clone() for p in trainer._trained_params + trainer._old_params + trainer._ema_params]
 
 
 def test_resume_matches_an_uninterrupted_run(make_config, prompts_dataset, tmp_path):
@@ -215,6 +219,69 @@ def test_evaluate_uses_the_same_noise_every_time(make_config, prompts_dataset):
     first, second = trainer.evaluate(), trainer.evaluate()
     assert first["eval_reward"] == second["eval_reward"]
     assert {"eval_reward", "eval_rewards/jpeg_incompressibility/mean"} <= set(first)
+
+
+def test_periodic_evaluation_at_its_interval_with_its_own_steps_and_sampler(make_config, prompts_dataset):
+    config = make_config(
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=2,
+        eval_num_inference_steps=3,
+        eval_sampler="FlowMatchEulerDiscreteScheduler",
+    )
+    trainer = DiffusionNFTTrainer(
+        "tiny-sd3",
+        "jpeg_incompressibility",
+        args=config,
+        train_dataset=prompts_dataset,
+        eval_dataset=prompts_dataset.select(range(3)),
+    )
+    calls, sample = [], trainer.adapter.sample
+
+    def recording_sample(conditioning, num_inference_steps, *args):
+        calls.append((type(trainer.pipeline.scheduler).__name__, num_inference_steps))
+        return sample(conditioning, num_inference_steps, *args)
+
+    trainer.adapter.sample = recording_sample
+    trainer.train()
+    evaluations = [entry["step"] for entry in trainer.state.log_history if "eval_reward" in entry]
+    assert evaluations == [2, 4]
+    assert set(calls) == {("DPMSolverMultistepScheduler", 4), ("FlowMatchEulerDiscreteScheduler", 3)}
+    assert type(trainer.pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"  # restored after evaluating
+
+
+def test_ema_of_the_trained_weights_is_evaluated_and_the_trained_weights_restored(make_config, prompts_dataset):
+    snapshots = []
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            snapshots.append([p.detach().clone() for p in trainer._trained_params])
+
+    trainer = DiffusionNFTTrainer(
+        "tiny-sd3",
+        "jpeg_incompressibility",
+        args=make_config(learning_rate=1e-2),
+        train_dataset=prompts_dataset,
+        callbacks=[Snapshot()],
+    )
+    start = [p.detach().clone() for p in trainer._trained_params]
+    trainer.train()
+    # The released warm-up: decay min((1 + s) / (10 + s), 0.9) at 0-based step s, i.e. 1/10 then 2/11.
+    for ema, first, step1, step2 in zip(trainer._ema_params, start, *snapshots, strict=True):
+        after_one = 0.1 * first + 0.9 * step1
+        torch.testing.assert_close(ema, 2 / 11 * after_one + 9 / 11 * step2)
+
+    seen = []
+
+    def probe(images, prompts, **kwargs):
+        seen.append(all(torch.equal(p, e) for p, e in zip(trainer._trained_params, trainer._ema_params, strict=True)))
+        return [0.0] * len(images)
+
+    trainer.reward_funcs = [probe]
+    trainer.evaluate(eval_dataset=prompts_dataset.select(range(2)))
+    assert seen == [True]
+    for param, trained in zip(trainer._trained_params, snapshots[-1], strict=True):
+        assert torch.equal(param, trained)
 
 
 # ---------------------------------------------------------------- bad input: clear errors before any rollout
@@ -323,3 +390,28 @@ def test_sampler_kwargs_do_not_apply_to_an_instance(make_config, prompts_dataset
         _trainer(
             make_config, prompts_dataset, sampler=FlowMatchEulerDiscreteScheduler(), sampler_kwargs={"shift": 1.0}
         )
+
+
+def test_overlapped_reward_scoring_runs_in_the_background_and_changes_nothing(make_config, prompts_dataset):
+    threads = set()
+
+    def reward(images, prompts, **kwargs):
+        threads.add(threading.get_ident())
+        return [float(np.asarray(image).mean()) for image in images]
+
+    runs = []
+    for overlap in (False, True):
+        config = make_config(
+            overlap_reward_scoring=overlap, per_device_train_batch_size=2, gradient_accumulation_steps=2
+        )
+        trainer = DiffusionNFTTrainer("tiny-sd3", reward, args=config, train_dataset=prompts_dataset)
+        threads.clear()  # the reward probe at construction runs in the main thread
+        trainer.train()
+        runs.append(([p.detach().clone() for p in trainer._trained_params], trainer.state.log_history))
+        assert (threading.get_ident() in threads) != overlap
+    (params_sync, logs_sync), (params_async, logs_async) = runs
+    assert [entry["reward"] for entry in logs_sync if "reward" in entry] == [
+        entry["reward"] for entry in logs_async if "reward" in entry
+    ]
+    for a, b in zip(params_sync, params_async, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

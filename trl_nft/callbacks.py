@@ -1,5 +1,6 @@
-"""Callbacks that watch a DiffusionNFT run: sample grids (images, not just numbers) and early stopping at a target
-reward. The trainer adds them from `NFTConfig` fields; they are ordinary `transformers.TrainerCallback`s."""
+"""Callbacks that watch a DiffusionNFT run: sample grids (images, not just numbers), early stopping at a target
+reward, and a reward-hacking guard. The trainer adds them from `NFTConfig` fields; they are ordinary
+`transformers.TrainerCallback`s."""
 
 import os
 
@@ -7,6 +8,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
+from transformers.utils import logging
+
+
+logger = logging.get_logger(__name__)
 
 
 class SampleLoggingCallback(TrainerCallback):
@@ -48,6 +53,45 @@ class EarlyStoppingAtRewardCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and logs.get("reward") is not None and logs["reward"] >= self.target:
             control.should_training_stop = True
+
+
+class RewardHackingGuardCallback(TrainerCallback):
+    """Warn (or stop) when a held-out evaluation metric falls while the training reward rises.
+
+    At each evaluation, the held-out value is compared with its best so far, and the training reward (the mean of the
+    `reward` logged since the previous evaluation) with its value at that best evaluation. Held-out below its best
+    while the training reward is above its value then is a strike; `patience` strikes in a row trigger the guard.
+    """
+
+    def __init__(self, metric: str, patience: int = 2, stop: bool = False):
+        self.metric, self.patience, self.stop = metric, patience, stop
+        self.best: float | None = None
+        self.train_reward_at_best: float | None = None
+        self.strikes = 0
+        self._train_rewards: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            self._train_rewards.append(logs["reward"])
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not metrics or self.metric not in metrics or not self._train_rewards:
+            return
+        held_out = metrics[self.metric]
+        train_reward = sum(self._train_rewards) / len(self._train_rewards)
+        self._train_rewards = []
+        if self.best is None or held_out >= self.best:
+            self.best, self.train_reward_at_best, self.strikes = held_out, train_reward, 0
+            return
+        self.strikes = self.strikes + 1 if train_reward > self.train_reward_at_best else 0
+        if self.strikes >= self.patience:
+            logger.warning(
+                f"Possible reward hacking at step {state.global_step}: {self.metric} = {held_out:.4g} has stayed below "
+                f"its best {self.best:.4g} for {self.strikes} evaluations while the training reward rose from "
+                f"{self.train_reward_at_best:.4g} to {train_reward:.4g}."
+                + (" Stopping training." if self.stop else " (reward_hacking_guard='stop' would stop training.)")
+            )
+            control.should_training_stop = control.should_training_stop or self.stop
 
 
 def sample_grid(images: list[Image.Image], prompts: list[str], rewards: list[float], columns: int = 4) -> Image.Image:

@@ -18,6 +18,7 @@ from diffusers import StableDiffusionPipeline
 
 from .nft_config import NFTConfig
 from .nft_trainer import DiffusionNFTTrainer
+from .rewards import to_tensor
 
 
 @dataclass
@@ -106,6 +107,7 @@ class DDPOConfig:
             advantage_clip=self.train_adv_clip_max,
             train_timestep_fraction=self.train_timestep_fraction,
             scale_rewards="group" if self.per_prompt_stat_tracking else "batch",
+            overlap_reward_scoring=self.async_reward_computation,
             push_to_hub=self.push_to_hub,
         )
 
@@ -143,7 +145,7 @@ class DDPOTrainer(DiffusionNFTTrainer):
     ):
         args = config.to_nft_config()
         self._ddpo_reward_function, self._image_samples_hook = reward_function, image_samples_hook
-        self._last_samples: list | None = None
+        self._sample_batches: list[list] = []  # what DDPO handed to image_samples_hook: one entry per batch
         # One prompt per group, enough for every iteration, drawn as DDPO drew them: from `prompt_function`.
         drawn = [prompt_function() for _ in range(args.max_steps * args.prompts_per_step)]
         prompts, self._prompt_metadata = [prompt for prompt, _ in drawn], [metadata for _, metadata in drawn]
@@ -159,8 +161,7 @@ class DDPOTrainer(DiffusionNFTTrainer):
         self._tracker = _accelerate_tracker(config, args.output_dir)
 
     def _score_with_ddpo_reward(self, images, prompts, ddpo_prompt_index) -> list[float]:
-        pixels = torch.from_numpy(np.stack([np.asarray(image, dtype=np.float32) / 255 for image in images]))
-        pixels = pixels.permute(0, 3, 1, 2)
+        pixels = to_tensor(images)
         metadata = [self._prompt_metadata[i] for i in ddpo_prompt_index]
         output = self._ddpo_reward_function(pixels, list(prompts), metadata)
         if isinstance(output, torch.Tensor | np.ndarray) or not (
@@ -172,13 +173,14 @@ class DDPOTrainer(DiffusionNFTTrainer):
             )
         rewards, reward_metadata = output
         rewards = torch.as_tensor(rewards, dtype=torch.float32).flatten()
-        self._last_samples = [pixels, list(prompts), metadata, rewards, reward_metadata]
+        self._sample_batches.append([pixels, list(prompts), metadata, rewards, reward_metadata])
         return rewards.tolist()
 
     def _generate_and_score(self, rows: list[dict]) -> dict:
+        self._sample_batches = []
         rollout = super()._generate_and_score(rows)
         if self._image_samples_hook is not None:
-            self._image_samples_hook([self._last_samples], self.state.global_step, self._tracker)
+            self._image_samples_hook(self._sample_batches, self.state.global_step, self._tracker)
         return rollout
 
 

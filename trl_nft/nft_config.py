@@ -49,6 +49,10 @@ class NFTConfig(TrainingArguments):
         across all processes (the released code's global std), `"group"` each group's std, `"none"` no scaling.
     advantage_clip (`float`, *optional*, defaults to `5.0`):
         `A_max` in `r = 0.5 + 0.5 clip(A / A_max, -1, 1)`; advantages beyond it saturate `r` at 0 or 1.
+    overlap_reward_scoring (`bool`, *optional*, defaults to `False`):
+        Score each chunk of `per_device_train_batch_size` rollout images in a background thread while the next chunk
+        is sampled. Worth it when rewards are slow on the CPU or remote (a reward server, a VLM judge). Results are
+        identical either way: every chunk is scored on its own in both modes.
 
     > Parameters that control the NFT update
 
@@ -74,7 +78,17 @@ class NFTConfig(TrainingArguments):
     old_policy_decay_delay (`int`, *optional*, defaults to `0`):
         Steps during which the linear schedule stays at 0 (fully on-policy). The released OCR run uses `75`.
 
-    > Parameters that control watching the run
+    > Parameters that control evaluation and watching the run
+
+    ema_decay (`float`, *optional*, defaults to `0.9`):
+        Ceiling of the decay of an exponential moving average of the trained weights, used for evaluation and saving
+        (`save_model`, checkpoints), as in the released code; its decay warms up as `min(i / (9 + i), ema_decay)` at
+        step `i`. `0.0` turns it off: evaluation and saving use the trained weights.
+    eval_num_inference_steps (`int` or `None`, *optional*, defaults to `None`):
+        Sampler steps at evaluation; `None` uses `num_inference_steps`. The released code evaluates with 40.
+    eval_sampler (`str` or `None`, *optional*, defaults to `None`):
+        Sampler at evaluation (a diffusers scheduler class name); `None` uses `sampler`. The released code evaluates
+        with `"FlowMatchEulerDiscreteScheduler"`.
 
     sample_logging_steps (`int`, *optional*, defaults to `50`):
         Every this many optimizer steps, save a grid of the latest rollout's images with prompts and rewards to
@@ -83,6 +97,16 @@ class NFTConfig(TrainingArguments):
         Images in each sample grid.
     early_stopping_reward (`float` or `None`, *optional*, defaults to `None`):
         Stop training once the logged training reward reaches this value.
+    reward_hacking_guard (`str`, *optional*, defaults to `"warn"`):
+        Watch for reward hacking at each evaluation: when the held-out metric stays below its best while the training
+        reward is above its value at that best, for `reward_hacking_patience` evaluations in a row, `"warn"` logs a
+        warning and `"stop"` also stops training. `"off"` disables it. Needs an `eval_dataset` and evaluations
+        (`eval_strategy`).
+    reward_hacking_metric (`str` or `None`, *optional*, defaults to `None`):
+        The held-out evaluation metric, e.g. `"eval_rewards/judge/mean"`. `None`: the mean of the first
+        `eval_reward_funcs` entry if there is one, else `"eval_reward"` (the training reward on held-out prompts).
+    reward_hacking_patience (`int`, *optional*, defaults to `2`):
+        Evaluations in a row that must show the divergence before the guard acts.
 
     > Parameters that control the adapters
 
@@ -144,6 +168,9 @@ class NFTConfig(TrainingArguments):
         default="batch", metadata={"help": "Advantage scale: 'batch' (global std), 'group' (group std) or 'none'."}
     )
     advantage_clip: float = field(default=5.0, metadata={"help": "A_max in r = 0.5 + 0.5 clip(A / A_max, -1, 1)."})
+    overlap_reward_scoring: bool = field(
+        default=False, metadata={"help": "Score a rollout chunk in a background thread while the next is sampled."}
+    )
 
     # NFT update
     beta: float = field(default=1.0, metadata={"help": "NFT strength beta of the implicit policies."})
@@ -159,13 +186,33 @@ class NFTConfig(TrainingArguments):
     old_policy_decay_max: float = field(default=0.5, metadata={"help": "Ceiling (linear) or value (constant)."})
     old_policy_decay_delay: int = field(default=0, metadata={"help": "Steps at decay 0 before the linear ramp."})
 
-    # Watching the run
+    # Evaluation and watching the run
+    ema_decay: float = field(
+        default=0.9, metadata={"help": "Ceiling of the decay of the weights EMA used to evaluate and save (0: off)."}
+    )
+    eval_num_inference_steps: int | None = field(
+        default=None, metadata={"help": "Sampler steps at evaluation; None: num_inference_steps."}
+    )
+    eval_sampler: str | None = field(
+        default=None, metadata={"help": "Sampler at evaluation (a diffusers scheduler class name); None: sampler."}
+    )
     sample_logging_steps: int = field(
         default=50, metadata={"help": "Save and log a grid of rollout images every N steps (0: off)."}
     )
     sample_logging_num_images: int = field(default=8, metadata={"help": "Images per sample grid."})
     early_stopping_reward: float | None = field(
         default=None, metadata={"help": "Stop once the logged training reward reaches this value."}
+    )
+    reward_hacking_guard: str = field(
+        default="warn",
+        metadata={"help": "When a held-out metric falls while the training reward rises: 'warn', 'stop' or 'off'."},
+    )
+    reward_hacking_metric: str | None = field(
+        default=None,
+        metadata={"help": "Held-out evaluation metric to watch; None: first eval-only reward, else eval_reward."},
+    )
+    reward_hacking_patience: int = field(
+        default=2, metadata={"help": "Evaluations in a row showing the divergence before the guard acts."}
     )
 
     # Adapters
@@ -206,6 +253,18 @@ class NFTConfig(TrainingArguments):
         check(0 <= self.old_policy_decay_max < 1, "old_policy_decay_max", "it must be in [0, 1)")
         check(self.old_policy_decay_delay >= 0, "old_policy_decay_delay", "it must be non-negative")
         check(self.lora_r >= 1, "lora_r", "it must be at least 1")
+        check(0 <= self.ema_decay < 1, "ema_decay", "it must be in [0, 1) (0 turns the EMA off)")
+        check(
+            self.eval_num_inference_steps is None or self.eval_num_inference_steps >= 1,
+            "eval_num_inference_steps",
+            "it must be at least 1, or None to use num_inference_steps",
+        )
+        check(
+            self.reward_hacking_guard in ("off", "warn", "stop"),
+            "reward_hacking_guard",
+            "choose 'off', 'warn' or 'stop'",
+        )
+        check(self.reward_hacking_patience >= 1, "reward_hacking_patience", "it must be at least 1")
         check(self.sample_logging_steps >= 0, "sample_logging_steps", "it must be 0 (off) or positive")
         check(self.sample_logging_num_images >= 1, "sample_logging_num_images", "it must be at least 1")
         if self.reward_weights is not None and any(w != w for w in self.reward_weights):

@@ -11,6 +11,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import safetensors.torch
@@ -21,13 +22,15 @@ from diffusers import DiffusionPipeline
 from diffusers.configuration_utils import FrozenDict
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, set_seed
 from trl.trainer.utils import RepeatSampler
 
-from .callbacks import EarlyStoppingAtRewardCallback, SampleLoggingCallback
+from .callbacks import EarlyStoppingAtRewardCallback, RewardHackingGuardCallback, SampleLoggingCallback
 from .models import get_adapter, load_pipeline
 from .nft_config import NFTConfig
 from .objective import (
+    ema_decay,
     forward_process,
     group_advantages,
     nft_loss,
@@ -35,22 +38,25 @@ from .objective import (
     optimality_probability,
     soft_update_,
 )
-from .rewards import RewardFunc, get_reward
+from .rewards import RewardFunc, RewardModel, get_reward, reward_name
 
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 OLD_POLICY_DIR = "old_policy"
+TRAINED_POLICY_DIR = "policy"  # in checkpoints with an EMA: the raw trained weights (the top level holds the EMA)
 TRAINED_ADAPTER, OLD_ADAPTER = "default", "old"
 
 
-class OldPolicyUpdateCallback(TrainerCallback):
-    """After each optimizer step `i`, soft-update the old (sampling) policy toward the trained one with decay `eta_i`."""
+class SoftUpdatesCallback(TrainerCallback):
+    """After each optimizer step `i`, soft-update the old (sampling) policy and the evaluation EMA toward the trained
+    weights."""
 
     def __init__(self, trainer: "DiffusionNFTTrainer"):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer.update_old_policy(state.global_step)
+        self.trainer.update_ema(state.global_step)
 
 
 class DiffusionNFTTrainer(Trainer):
@@ -79,6 +85,9 @@ class DiffusionNFTTrainer(Trainer):
             Extra callbacks.
         optimizers (`tuple`, *optional*):
             `(optimizer, lr_scheduler)`, as for `transformers.Trainer`.
+        eval_reward_funcs (`str`, callable, or a list of them, *optional*):
+            Held-out rewards, scored only by `evaluate()` (logged as `eval_rewards/<name>/mean`, never trained on): a
+            judge of another kind shows whether the training reward is being gamed (see `reward_hacking_guard`).
     """
 
     _tag_names = ["trl", "trl-nft", "diffusion-nft", "diffusers", "text-to-image"]
@@ -106,6 +115,7 @@ class DiffusionNFTTrainer(Trainer):
         peft_config: LoraConfig | None = None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple = (None, None),
+        eval_reward_funcs: str | RewardFunc | list[str | RewardFunc] | None = None,
     ):
         if args is None:
             model_name = model if isinstance(model, str) else type(model).__name__
@@ -115,6 +125,15 @@ class DiffusionNFTTrainer(Trainer):
         if eval_dataset is not None:
             _check_prompt_dataset(eval_dataset, "eval_dataset", 1)
         self.reward_funcs, self.reward_func_names = _resolve_reward_funcs(reward_funcs)
+        self.eval_reward_funcs, self.eval_reward_func_names = (
+            _resolve_reward_funcs(eval_reward_funcs) if eval_reward_funcs is not None else ([], [])
+        )
+        names = self.reward_func_names + self.eval_reward_func_names
+        if len(set(names)) < len(names):
+            raise ValueError(
+                f"Two reward functions share a name ({', '.join(names)}), so their metrics would mix; give each a "
+                "distinct name (its `__name__`, or the `name` attribute of a reward object)."
+            )
         if args.reward_weights is None:
             self.reward_weights = torch.ones(len(self.reward_funcs))
         elif len(args.reward_weights) != len(self.reward_funcs):
@@ -142,7 +161,6 @@ class DiffusionNFTTrainer(Trainer):
         _speak_transformers_trainer(denoiser)
         set_seed(args.seed)  # LoRA initialisation draws from the global generator
         self._setup_policies(denoiser, args, peft_config)
-        self._check_reward_funcs(train_dataset)
 
         super().__init__(
             model=denoiser,
@@ -163,11 +181,29 @@ class DiffusionNFTTrainer(Trainer):
         for module in (self.old_model, self.ref_model):
             if module is not None:
                 module.to(self.accelerator.device)
-        self.add_callback(OldPolicyUpdateCallback(self))
+        self._rollout_seconds = self._reward_seconds = 0.0  # of the current rollout, for the timing metrics
+        self._scoring_thread = ThreadPoolExecutor(max_workers=1) if args.overlap_reward_scoring else None
+        for func in self.reward_funcs + self.eval_reward_funcs:
+            if isinstance(func, RewardModel):  # model-backed rewards run beside the policy, in its precision
+                func.to(self.accelerator.device, weight_dtype)
+        self._check_reward_funcs(train_dataset, self.reward_funcs, self.reward_func_names)
+        if eval_dataset is not None and self.eval_reward_funcs:
+            self._check_reward_funcs(eval_dataset, self.eval_reward_funcs, self.eval_reward_func_names)
+        # The EMA of the trained weights that evaluation and saving use (created here, on the training device).
+        self._ema_params = [p.detach().clone() for p in self._trained_params] if args.ema_decay > 0 else None
+        self.add_callback(SoftUpdatesCallback(self))
         if args.sample_logging_steps:
             self.add_callback(SampleLoggingCallback(self, args.sample_logging_steps, args.sample_logging_num_images))
         if args.early_stopping_reward is not None:
             self.add_callback(EarlyStoppingAtRewardCallback(args.early_stopping_reward))
+        if args.reward_hacking_guard != "off" and eval_dataset is not None:
+            self.add_callback(
+                RewardHackingGuardCallback(
+                    self._held_out_metric(args.reward_hacking_metric),
+                    args.reward_hacking_patience,
+                    stop=args.reward_hacking_guard == "stop",
+                )
+            )
         self.last_rollout_samples: tuple[list, list, list] | None = None  # (images, prompts, rewards), this process
 
         self._step = 0  # micro-steps taken, to know when a new rollout is due
@@ -212,11 +248,23 @@ class DiffusionNFTTrainer(Trainer):
             self._old_params = list(self.old_model.parameters())
         soft_update_(self._old_params, self._trained_params, decay=0.0)  # the old policy starts as a copy
 
-    def _check_reward_funcs(self, dataset: Dataset) -> None:
+    def _held_out_metric(self, metric: str | None) -> str:
+        """The evaluation metric the reward-hacking guard watches: `metric`, else the first held-out reward's mean,
+        else the training reward on the evaluation prompts."""
+        known = ["eval_reward"] + [
+            f"eval_rewards/{name}/mean" for name in self.reward_func_names + self.eval_reward_func_names
+        ]
+        if metric is None:
+            return known[len(self.reward_func_names) + 1] if self.eval_reward_funcs else "eval_reward"
+        if metric not in known:
+            raise ValueError(f"reward_hacking_metric={metric!r} is not an evaluation metric; choose one of {known}.")
+        return metric
+
+    def _check_reward_funcs(self, dataset: Dataset, funcs: list[RewardFunc], names: list[str]) -> None:
         """Score two blank images once, so that a reward function with the wrong output fails before any rollout."""
         rows = [dataset[i % len(dataset)] for i in range(2)]
         images = [Image.new("RGB", (self.resolution, self.resolution), (127, 127, 127))] * 2
-        self._score(images, rows)
+        self._score(images, rows, funcs, names)
 
     # ------------------------------------------------------------------ data
 
@@ -292,41 +340,77 @@ class DiffusionNFTTrainer(Trainer):
         seed = hash((self.args.seed, self.state.global_step, self.accelerator.process_index) + stream) % (2**63)
         return torch.Generator(device="cpu").manual_seed(seed)
 
-    def _sample(
-        self, prompts: list[str], generator: torch.Generator, chunk_size: int
-    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """Sample one image per prompt with the pipeline's current denoiser; returns per-image conditioning, clean
-        latents and the sampler's time grid. Each unique prompt is encoded once."""
+    def _sample_and_score(
+        self,
+        rows: list[dict],
+        generator: torch.Generator,
+        chunk_size: int,
+        num_inference_steps: int,
+        reward_funcs: list[RewardFunc],
+        reward_func_names: list[str],
+    ) -> tuple[dict, torch.Tensor, torch.Tensor, list[Image.Image], torch.Tensor]:
+        """Sample one image per row with the pipeline's current denoiser, `chunk_size` images at a time, decode each
+        chunk to PIL and score it. Returns per-image conditioning, clean latents, the sampler's time grid, the images
+        and the rewards `[num_images, num_funcs]`. Each unique prompt is encoded once.
+
+        Every chunk is scored on its own, so with `overlap_reward_scoring` (a chunk scored in a background thread while
+        the next one is sampled) the rewards are exactly those of the sequential order."""
+        prompts = [row["prompt"] for row in rows]
         position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
-        unique = list(position)
         cfg = self.args.guidance_scale > 1.0
-        encoded = self.adapter.encode_prompts(unique, negative=cfg)
+        encoded = self.adapter.encode_prompts(list(position), negative=cfg)
         index = torch.tensor([position[p] for p in prompts], device=self.accelerator.device)
         conditioning = {key: value[index] for key, value in encoded.items()}
-        latents = []
-        for start in range(0, len(prompts), chunk_size):
-            chunk = {key: value[start : start + chunk_size] for key, value in conditioning.items()}
-            rollout = self.adapter.sample(
-                chunk, self.args.num_inference_steps, self.args.guidance_scale, self.resolution, generator
-            )
-            latents.append(rollout.latents)
+        latents, images, scored = [], [], []
+        show = not self.args.disable_tqdm and self.accelerator.is_local_main_process
+        with (
+            tqdm(total=len(rows), desc="Sampling", unit="img", leave=False, disable=not show) as sampling_bar,
+            tqdm(total=len(rows), desc="Scoring", unit="img", leave=False, disable=not show) as scoring_bar,
+        ):
+
+            def score(chunk_images: list[Image.Image], chunk_rows: list[dict]) -> torch.Tensor:
+                rewards = self._score(chunk_images, chunk_rows, reward_funcs, reward_func_names)
+                scoring_bar.update(len(chunk_rows))
+                return rewards
+
+            for start in range(0, len(rows), chunk_size):
+                chunk = slice(start, start + chunk_size)
+                start_time = time.perf_counter()
+                rollout = self.adapter.sample(
+                    {key: value[chunk] for key, value in conditioning.items()},
+                    num_inference_steps,
+                    self.args.guidance_scale,
+                    self.resolution,
+                    generator,
+                )
+                chunk_images = self._decode_to_pil(rollout.latents)
+                self._rollout_seconds += time.perf_counter() - start_time
+                sampling_bar.update(len(chunk_images))
+                latents.append(rollout.latents)
+                images += chunk_images
+                if self._scoring_thread is not None:
+                    scored.append(self._scoring_thread.submit(score, chunk_images, rows[chunk]))
+                else:
+                    scored.append(score(chunk_images, rows[chunk]))
+            rewards_per_func = torch.cat([r.result() if isinstance(r, Future) else r for r in scored])
         if cfg:  # training is CFG-free: only the conditional embeddings are kept
             conditioning = {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
-        return conditioning, torch.cat(latents), rollout.sigmas
+        return conditioning, torch.cat(latents), rollout.sigmas, images, rewards_per_func
 
-    def _decode_to_pil(self, latents: torch.Tensor, chunk_size: int) -> list[Image.Image]:
-        images = torch.cat(
-            [self.adapter.decode(latents[i : i + chunk_size]) for i in range(0, len(latents), chunk_size)]
-        )
+    def _decode_to_pil(self, latents: torch.Tensor) -> list[Image.Image]:
+        images = self.adapter.decode(latents)
         array = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(image) for image in array]
 
-    def _score(self, images: list[Image.Image], rows: list[dict]) -> torch.Tensor:
+    def _score(
+        self, images: list[Image.Image], rows: list[dict], funcs: list[RewardFunc], names: list[str]
+    ) -> torch.Tensor:
         """Rewards `[num_images, num_funcs]` (NaN where a function returned None), each output validated."""
+        start_time = time.perf_counter()
         prompts = [row["prompt"] for row in rows]
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
-        rewards = torch.full((len(images), len(self.reward_funcs)), float("nan"))
-        for j, (func, name) in enumerate(zip(self.reward_funcs, self.reward_func_names, strict=True)):
+        rewards = torch.full((len(images), len(funcs)), float("nan"))
+        for j, (func, name) in enumerate(zip(funcs, names, strict=True)):
             output = func(images=images, prompts=prompts, **columns)
             if isinstance(output, torch.Tensor | np.ndarray):
                 output = output.tolist()
@@ -345,6 +429,7 @@ class DiffusionNFTTrainer(Trainer):
                         "be finite floats, or None where the reward does not apply."
                     )
                 rewards[i, j] = float(value)
+        self._reward_seconds += time.perf_counter() - start_time
         return rewards
 
     def _generate_and_score(self, rows: list[dict]) -> dict:
@@ -352,16 +437,17 @@ class DiffusionNFTTrainer(Trainer):
         of all processes into optimality probabilities."""
         device, chunk = self.accelerator.device, self.args.per_device_train_batch_size
         prompts = [row["prompt"] for row in rows]
-
-        start = time.perf_counter()
+        self._rollout_seconds = self._reward_seconds = 0.0
         with self._acting_as_old_policy():
-            conditioning, latents, time_grid = self._sample(prompts, self._generator(0), chunk)
-        images = self._decode_to_pil(latents, chunk)
-        rollout_time = time.perf_counter() - start
-
-        start = time.perf_counter()
-        rewards_per_func = self.accelerator.gather(self._score(images, rows).to(device)).cpu()
-        reward_time = time.perf_counter() - start
+            conditioning, latents, time_grid, images, rewards_per_func = self._sample_and_score(
+                rows,
+                self._generator(0),
+                chunk,
+                self.args.num_inference_steps,
+                self.reward_funcs,
+                self.reward_func_names,
+            )
+        rewards_per_func = self.accelerator.gather(rewards_per_func.to(device)).cpu()
         weights = self.reward_weights.unsqueeze(0)
         not_applicable = rewards_per_func.isnan().all(dim=1)
         if not_applicable.any():
@@ -381,9 +467,9 @@ class DiffusionNFTTrainer(Trainer):
             self._metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, j]).item())
         self._metrics["frac_reward_zero_std"].append((grouped.std(dim=1) < 1e-8).float().mean().item())
         self._metrics["optimality/mean"].append(optimality.mean().item())
-        self._metrics["timing/rollout_seconds"].append(rollout_time)
-        self._metrics["timing/reward_seconds"].append(reward_time)
-        self._metrics["rollout/images_per_second"].append(len(rows) / rollout_time)
+        self._metrics["timing/rollout_seconds"].append(self._rollout_seconds)
+        self._metrics["timing/reward_seconds"].append(self._reward_seconds)
+        self._metrics["rollout/images_per_second"].append(len(rows) / self._rollout_seconds)
         self.last_rollout_samples = (images, prompts, rewards[local].tolist())
         return {
             "latents": latents,
@@ -489,27 +575,72 @@ class DiffusionNFTTrainer(Trainer):
         soft_update_(self._old_params, self._trained_params, decay)
         self._metrics["old_policy_decay"].append(decay)
 
+    def update_ema(self, step: int) -> None:
+        """`theta_ema <- d theta_ema + (1 - d) theta` with the warmed-up decay `d` at `step` (no-op without an EMA)."""
+        if self._ema_params is not None:
+            soft_update_(self._ema_params, self._trained_params, ema_decay(step, self.args.ema_decay))
+
+    @contextlib.contextmanager
+    def _evaluation_weights(self):
+        """Within this context the trained weights hold their EMA (unchanged when `ema_decay = 0`)."""
+        if self._ema_params is None:
+            yield
+            return
+        trained = [param.detach().clone() for param in self._trained_params]
+        _copy_(self._trained_params, self._ema_params)
+        try:
+            yield
+        finally:
+            _copy_(self._trained_params, trained)
+
+    @contextlib.contextmanager
+    def _evaluation_sampler(self):
+        """Within this context the pipeline samples with `eval_sampler` (when set)."""
+        rollout_scheduler = self.pipeline.scheduler
+        if self.args.eval_sampler is not None:
+            self.adapter.set_sampler(self.args.eval_sampler)
+        try:
+            yield
+        finally:
+            self.pipeline.scheduler = rollout_scheduler
+
     # ------------------------------------------------------------------ evaluation and logging
 
     @torch.no_grad()
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Score the current policy on `eval_dataset`: one image per prompt, with the same noise at every call."""
+        """Score the current policy (its EMA when `ema_decay > 0`) on `eval_dataset`: one image per prompt, with the
+        same noise at every call, `eval_num_inference_steps` steps of `eval_sampler`. Reports the weighted training
+        reward (`eval_reward`), each reward function's mean, the held-out `eval_reward_funcs`, and what a reward's
+        `summary(scores, **columns)` adds (e.g. GenEval's per-task accuracy)."""
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
         rows = [dataset[i] for i in range(len(dataset))]
         # Padding gives every process the same count (the last row repeated) so that the gather lines up.
         split = self.accelerator.split_between_processes(rows, apply_padding=True)
-        with split as local_rows, _eval_mode(self.adapter.denoiser):
+        with (
+            split as local_rows,
+            _eval_mode(self.adapter.denoiser),
+            self._evaluation_weights(),
+            self._evaluation_sampler(),
+        ):
             generator = torch.Generator(device="cpu").manual_seed(self.args.seed + self.accelerator.process_index)
+            steps = self.args.eval_num_inference_steps or self.args.num_inference_steps
             chunk = self.args.per_device_eval_batch_size
-            _, latents, _ = self._sample([row["prompt"] for row in local_rows], generator, chunk)
-            rewards_per_func = self._score(self._decode_to_pil(latents, chunk), local_rows)
+            funcs = self.reward_funcs + self.eval_reward_funcs
+            names = self.reward_func_names + self.eval_reward_func_names
+            *_, rewards_per_func = self._sample_and_score(local_rows, generator, chunk, steps, funcs, names)
         rewards_per_func = self.accelerator.gather(rewards_per_func.to(self.accelerator.device)).cpu()[: len(rows)]
-        rewards = (rewards_per_func * self.reward_weights.unsqueeze(0)).nansum(dim=1)
+        training = rewards_per_func[:, : len(self.reward_funcs)]
+        rewards = (training * self.reward_weights.unsqueeze(0)).nansum(dim=1)
         metrics = {f"{metric_key_prefix}_reward": rewards.mean().item()}
-        for j, name in enumerate(self.reward_func_names):
+        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        for j, (func, name) in enumerate(zip(funcs, names, strict=True)):
             metrics[f"{metric_key_prefix}_rewards/{name}/mean"] = torch.nanmean(rewards_per_func[:, j]).item()
+            if hasattr(func, "summary"):
+                scores = [None if math.isnan(value) else value for value in rewards_per_func[:, j].tolist()]
+                for key, value in func.summary(scores, **columns).items():
+                    metrics[f"{metric_key_prefix}_rewards/{name}/{key}"] = value
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
@@ -524,11 +655,13 @@ class DiffusionNFTTrainer(Trainer):
     # ------------------------------------------------------------------ saving and resuming
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
-        """Write the trained policy in diffusers' format: the LoRA (`pipeline.load_lora_weights(output_dir)`), or the
-        fully fine-tuned denoiser in `output_dir/<denoiser>/` (`<Model>.from_pretrained(output_dir, subfolder=...)`)."""
+        """Write the trained policy (its EMA when `ema_decay > 0`) in diffusers' format: the LoRA
+        (`pipeline.load_lora_weights(output_dir)`), or the fully fine-tuned denoiser in `output_dir/<denoiser>/`
+        (`<Model>.from_pretrained(output_dir, subfolder=...)`)."""
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            self._save_policy(self.accelerator.unwrap_model(self.model), TRAINED_ADAPTER, output_dir)
+            with self._evaluation_weights():
+                self._save_policy(self.accelerator.unwrap_model(self.model), TRAINED_ADAPTER, output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save_policy(self, module: torch.nn.Module, adapter_name: str, output_dir: str) -> None:
@@ -540,38 +673,48 @@ class DiffusionNFTTrainer(Trainer):
             module.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
 
     def _save_checkpoint(self, model, trial) -> None:
-        # The old policy goes in first, so that a checkpoint with a trainer state always has both policies.
+        # The old policy (and, with an EMA, the raw trained weights) go in first, so that a checkpoint with a trainer
+        # state always has every policy. The top level holds what `save_model` writes.
         checkpoint_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
         if self.args.should_save:
-            old_policy = self.accelerator.unwrap_model(self.model) if self.use_lora else self.old_model
+            denoiser = self.accelerator.unwrap_model(self.model)
+            old_policy = denoiser if self.use_lora else self.old_model
             self._save_policy(old_policy, OLD_ADAPTER, os.path.join(checkpoint_dir, OLD_POLICY_DIR))
+            if self._ema_params is not None:
+                self._save_policy(denoiser, TRAINED_ADAPTER, os.path.join(checkpoint_dir, TRAINED_POLICY_DIR))
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Restore the trained and the old policy from a checkpoint written by `_save_checkpoint`."""
+        """Restore the trained and the old policy, and the EMA, from a checkpoint written by `_save_checkpoint`."""
         denoiser = self.accelerator.unwrap_model(self.model)
+        trained_dir = os.path.join(resume_from_checkpoint, TRAINED_POLICY_DIR)
+        if self._ema_params is not None:  # the top level holds the EMA: load it through the trained weights first
+            self._load_policy(denoiser, TRAINED_ADAPTER, resume_from_checkpoint, resume_from_checkpoint)
+            _copy_(self._ema_params, self._trained_params)
+        if not os.path.isdir(trained_dir):  # written without an EMA: the top level holds the trained weights
+            trained_dir = resume_from_checkpoint
+        self._load_policy(denoiser, TRAINED_ADAPTER, trained_dir, resume_from_checkpoint)
+        old_policy = denoiser if self.use_lora else self.old_model
         old_dir = os.path.join(resume_from_checkpoint, OLD_POLICY_DIR)
-        for module, adapter_name, directory in [
-            (denoiser, TRAINED_ADAPTER, resume_from_checkpoint),
-            (denoiser if self.use_lora else self.old_model, OLD_ADAPTER, old_dir),
-        ]:
-            if self.use_lora:
-                path = os.path.join(directory, LORA_WEIGHTS_NAME)
-                if not os.path.isfile(path):
-                    raise ValueError(f"Can't resume from {resume_from_checkpoint}: {path} is missing.")
-                prefix = f"{self.adapter.denoiser_name}."
-                state_dict = {k.removeprefix(prefix): v for k, v in safetensors.torch.load_file(path).items()}
-                result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)
-                if result.unexpected_keys:
-                    raise ValueError(
-                        f"{path} does not match this model's LoRA: unexpected {result.unexpected_keys[:3]}."
-                    )
-            else:
-                folder = os.path.join(directory, self.adapter.denoiser_name)
-                if not os.path.isdir(folder):
-                    raise ValueError(f"Can't resume from {resume_from_checkpoint}: {folder} is missing.")
-                loaded = type(module).from_pretrained(folder, torch_dtype=torch.float32)
-                module.load_state_dict(loaded.state_dict())
+        self._load_policy(old_policy, OLD_ADAPTER, old_dir, resume_from_checkpoint)
+
+    def _load_policy(self, module: torch.nn.Module, adapter_name: str, directory: str, checkpoint: str) -> None:
+        """Load the policy saved by `_save_policy` in `directory` (part of `checkpoint`) into `module`."""
+        if self.use_lora:
+            path = os.path.join(directory, LORA_WEIGHTS_NAME)
+            if not os.path.isfile(path):
+                raise ValueError(f"Can't resume from {checkpoint}: {path} is missing.")
+            prefix = f"{self.adapter.denoiser_name}."
+            state_dict = {k.removeprefix(prefix): v for k, v in safetensors.torch.load_file(path).items()}
+            result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)
+            if result.unexpected_keys:
+                raise ValueError(f"{path} does not match this model's LoRA: unexpected {result.unexpected_keys[:3]}.")
+        else:
+            folder = os.path.join(directory, self.adapter.denoiser_name)
+            if not os.path.isdir(folder):
+                raise ValueError(f"Can't resume from {checkpoint}: {folder} is missing.")
+            loaded = type(module).from_pretrained(folder, torch_dtype=torch.float32)
+            module.load_state_dict(loaded.state_dict())
 
 
 class _LoggableConfig(FrozenDict):
@@ -605,6 +748,12 @@ def _eval_mode(module: torch.nn.Module):
         module.train(training)
 
 
+@torch.no_grad()
+def _copy_(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    for target, source in zip(targets, sources, strict=True):
+        target.copy_(source)
+
+
 def _check_prompt_dataset(dataset: Dataset | None, name: str, min_rows: int) -> None:
     if dataset is None:
         raise ValueError(f"{name} is required: a datasets.Dataset with a 'prompt' column.")
@@ -628,13 +777,11 @@ def _resolve_reward_funcs(reward_funcs) -> tuple[list[Callable], list[str]]:
     resolved, names = [], []
     for func in funcs:
         if isinstance(func, str):
-            resolved.append(get_reward(func))
-            names.append(func)
-        elif callable(func):
-            resolved.append(func)
-            names.append(getattr(func, "__name__", type(func).__name__))
-        else:
+            func = get_reward(func)
+        elif not callable(func):
             raise TypeError(f"reward_funcs entries must be callables or registered names, got {type(func).__name__}.")
+        resolved.append(func)
+        names.append(reward_name(func))
     return resolved, names
 
 

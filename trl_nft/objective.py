@@ -153,6 +153,13 @@ def old_policy_decay(
     raise ValueError(f"schedule must be one of {DECAY_SCHEDULES}, got {schedule!r}.")
 
 
+def ema_decay(step: int, maximum: float) -> float:
+    r"""The decay `d_i` of the evaluation EMA `theta_ema <- d_i theta_ema + (1 - d_i) theta` after optimizer step
+    `i >= 1`: `d_i = min(i / (9 + i), maximum)`, the released code's warm-up `min((1 + s) / (10 + s), decay)` at its
+    0-based step `s = i - 1` (the EMA follows the early weights closely), with `maximum = 0.9` there."""
+    return min(step / (9 + step), maximum)
+
+
 @torch.no_grad()
 def soft_update_(old: list[torch.Tensor], new: list[torch.Tensor], decay: float) -> None:
     r"""In place, `old <- decay * old + (1 - decay) * new` for each pair of tensors."""

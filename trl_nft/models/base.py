@@ -11,6 +11,8 @@ import torch
 from diffusers import DiffusionPipeline
 from torch import nn
 
+from .samplers import build_sampler
+
 
 @dataclass
 class Rollout:
@@ -29,9 +31,12 @@ class DiffusionAdapter:
     denoiser_name: str = "transformer"
     #: Modules LoRA targets by default.
     lora_target_modules: tuple[str, ...] = ()
+    #: Whether the model is a rectified flow (else VP diffusion): decides which samplers can drive it.
+    is_flow: bool = True
 
     def __init__(self, pipeline: DiffusionPipeline):
         self.pipeline = pipeline
+        self.model_scheduler = pipeline.scheduler  # the model's own; every sampler is built from its config
 
     @property
     def denoiser(self) -> nn.Module:
@@ -51,7 +56,7 @@ class DiffusionAdapter:
 
     def set_sampler(self, sampler, sampler_kwargs: dict | None = None) -> None:
         """Make the pipeline roll out with `sampler` (a diffusers scheduler class name or instance)."""
-        raise NotImplementedError
+        self.pipeline.scheduler = build_sampler(sampler, self.model_scheduler, sampler_kwargs, flow=self.is_flow)
 
     def encode_prompts(self, prompts: list[str], negative: bool) -> dict[str, torch.Tensor]:
         """Text conditioning for `prompts`, batch-first tensors; with `negative`, also the empty-prompt conditioning

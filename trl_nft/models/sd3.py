@@ -5,7 +5,6 @@ from diffusers import StableDiffusion3Pipeline
 from torch import nn
 
 from .base import DiffusionAdapter, Rollout
-from .samplers import build_sampler
 
 
 class SD3Adapter(DiffusionAdapter):
@@ -40,9 +39,6 @@ class SD3Adapter(DiffusionAdapter):
                 f"(VAE scale {self.pipeline.vae_scale_factor} x patch size {transformer.patch_size}) between "
                 f"{multiple} and {largest} (the transformer's pos_embed_max_size). Set `resolution` accordingly."
             )
-
-    def set_sampler(self, sampler, sampler_kwargs=None) -> None:
-        self.pipeline.scheduler = build_sampler(sampler, self.pipeline.scheduler, sampler_kwargs, flow=True)
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], negative: bool) -> dict[str, torch.Tensor]:
