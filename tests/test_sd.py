@@ -1,11 +1,11 @@
-"""The SD1.x adapter (UNet, VP schedule): DiffusionNFT trains it as a flow model, and its LoRA loads in diffusers."""
+"""SD1.x and SDXL (UNet, VP diffusion) through the flow objective: time grid, training, diffusers-loadable LoRA."""
 
 import numpy as np
 import pytest
 import torch
 from datasets import Dataset
 
-from trl_nft import DiffusionNFTTrainer, build_tiny_sd
+from trl_nft import DiffusionNFTTrainer, build_tiny_sd, build_tiny_sdxl
 from trl_nft.models import StableDiffusionAdapter
 
 
@@ -21,9 +21,15 @@ def test_rollout_times_map_back_to_their_timesteps(prediction_type):
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_trains_saves_and_reloads_in_diffusers(make_config, prompts_dataset, tmp_path, prediction_type):
-    pipeline = build_tiny_sd(prediction_type=prediction_type)
-    config = make_config(sampler="DDIMScheduler", learning_rate=1e-2, kl_coef=1e-3)
+@pytest.mark.parametrize(
+    ("build", "sampler"), [(build_tiny_sd, "DDIMScheduler"), (build_tiny_sdxl, "EulerDiscreteScheduler")]
+)
+def test_trains_saves_and_reloads_in_diffusers(
+    make_config, prompts_dataset, tmp_path, build, sampler, prediction_type
+):
+    """SD1.x and SDXL (UNet, VP schedule) train, and the saved LoRA reproduces the policy in a fresh pipeline."""
+    pipeline = build(prediction_type=prediction_type)
+    config = make_config(sampler=sampler, learning_rate=1e-2, kl_coef=1e-3)
     trainer = DiffusionNFTTrainer(pipeline, "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
     trainer.train()
     assert trainer.state.global_step == 2
@@ -37,7 +43,7 @@ def test_trains_saves_and_reloads_in_diffusers(make_config, prompts_dataset, tmp
 
     with trainer._evaluation_weights():  # what is saved: the EMA of the trained weights
         expected = images(trainer.pipeline)
-    fresh = build_tiny_sd(prediction_type=prediction_type)
+    fresh = build(prediction_type=prediction_type)
     fresh.scheduler = type(trainer.pipeline.scheduler).from_config(trainer.pipeline.scheduler.config)
     base = images(fresh)
     fresh.load_lora_weights(str(tmp_path / "lora"))

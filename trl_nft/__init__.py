@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0.dev0"
 
-from .models import build_tiny_sd, build_tiny_sd3, get_adapter, load_pipeline  # noqa: E402
+from .models import build_tiny_sd, build_tiny_sd3, build_tiny_sdxl, get_adapter, load_pipeline  # noqa: E402
 from .nft_config import NFTConfig  # noqa: E402
 from .nft_trainer import DiffusionNFTTrainer  # noqa: E402
 from .prompts import drawbench_prompts, geneval_prompts, load_geneval_metadata, ocr_prompts, pickapic_prompts  # noqa: E402
@@ -15,6 +15,7 @@ __all__ = [
     "RewardModel",
     "build_tiny_sd",
     "build_tiny_sd3",
+    "build_tiny_sdxl",
     "drawbench_prompts",
     "geneval_prompts",
     "get_adapter",

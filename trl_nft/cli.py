@@ -6,9 +6,11 @@ that runs it; register a new subcommand in `build_parser`.
 
 import argparse
 import importlib
+import importlib.resources as resources
 import json
 import logging
 import os
+import sys
 
 import torch
 
@@ -22,14 +24,77 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trl-nft", description="DiffusionNFT online RL for diffusion models.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_nft_parser(subparsers)
     _add_reward_server_parser(subparsers)
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["nft"]:  # everything after `nft` belongs to the training script's parser
+        return nft(argv[1:])
     args = build_parser().parse_args(argv)
-    args.run(args)
+    return args.run(args) or 0
+
+
+# ------------------------------------------------------------------------------------------------------- nft
+
+
+def _add_nft_parser(subparsers) -> None:
+    # The training script's own parser (TRL's: dataclasses -> flags, --config YAML) reads everything after `nft`.
+    # (`main` hands it the arguments directly; this entry is for `trl-nft --help`.)
+    subparsers.add_parser(
+        "nft", help="train a diffusion model with DiffusionNFT (`trl-nft nft --help` lists every flag)", add_help=False
+    )
+
+
+def nft(argv: list[str]) -> int:
+    """Launch `trl_nft/scripts/nft.py` with `accelerate launch`, as TRL launches its training scripts: flags that
+    the script does not know (`--num_processes`, `--accelerate_config NAME_OR_FILE`, ...) go to accelerate."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    from .scripts import nft as script
+
+    argv = script.merge_repeated_flags(argv)
+    parser = script.make_parser(prog="trl nft")
+    try:  # parsed here first, so that bad flags and --help answer at once, before accelerate starts
+        script_args, training_args, config_remaining, cli_remaining = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except ValueError as error:
+        raise SystemExit(f"trl nft: {error}") from error
+    launch_args = _accelerate_config_file(config_remaining + cli_remaining)
+    script_argv = _without_subsequence(argv, cli_remaining)
+    launch_command(launch_command_parser().parse_args([*launch_args, script.__file__, *script_argv]))
+    return 0
+
+
+def _accelerate_config_file(launch_args: list[str]) -> list[str]:
+    """`--accelerate_config NAME_OR_FILE` -> accelerate's `--config_file`: a file, or a config shipped with TRL
+    (`zero2`, `fsdp2`, `multi_gpu`, ...)."""
+    if "--accelerate_config" not in launch_args:
+        return launch_args
+    index = launch_args.index("--accelerate_config")
+    if index + 1 == len(launch_args):
+        raise SystemExit("trl nft: --accelerate_config needs a value (a config file or a TRL config name).")
+    name = launch_args[index + 1]
+    path = name if os.path.isfile(name) else str(resources.files("trl.accelerate_configs").joinpath(f"{name}.yaml"))
+    if not os.path.isfile(path):
+        raise SystemExit(f"trl nft: --accelerate_config {name!r} is neither a file nor one of TRL's configs.")
+    return ["--config_file", path, *launch_args[:index], *launch_args[index + 2 :]]
+
+
+def _without_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
+    """`items` without the elements of `subsequence`, matched in order."""
+    remaining, pending = [], iter(subsequence)
+    current = next(pending, None)
+    for item in items:
+        if current is not None and item == current:
+            current = next(pending, None)
+        else:
+            remaining.append(item)
+    return remaining
 
 
 # ---------------------------------------------------------------------------------------------- reward-server

@@ -27,7 +27,8 @@ from transformers import Trainer, TrainerCallback, set_seed
 from trl.trainer.utils import RepeatSampler
 
 from .callbacks import EarlyStoppingAtRewardCallback, RewardHackingGuardCallback, SampleLoggingCallback
-from .models import get_adapter, load_pipeline
+from .model_card import final_reward_values, write_model_card
+from .models import EMBEDDED_MODELS, get_adapter, load_pipeline, resolve_model_name
 from .nft_config import NFTConfig
 from .objective import (
     ema_decay,
@@ -147,6 +148,7 @@ class DiffusionNFTTrainer(Trainer):
         # The pipeline: frozen weights in the mixed-precision dtype, trained weights in float32.
         weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         self.pipeline = load_pipeline(model, torch_dtype=weight_dtype)
+        self.base_model_id = _base_model_id(model, self.pipeline)  # for the model card
         self.pipeline.set_progress_bar_config(disable=True)
         self.adapter = get_adapter(self.pipeline, max_sequence_length=args.max_sequence_length)
         self.resolution = args.resolution or self.adapter.default_resolution()
@@ -663,6 +665,34 @@ class DiffusionNFTTrainer(Trainer):
             with self._evaluation_weights():
                 self._save_policy(self.accelerator.unwrap_model(self.model), TRAINED_ADAPTER, output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+            self._write_model_card(output_dir)
+
+    def create_model_card(self, model_name: str | None = None, tags: str | list[str] | None = None, **kwargs) -> None:
+        """Write the diffusers model card (`README.md`, with sample images in `images/`) to `output_dir`, titled
+        `model_name` (default: the Hub id, or the folder's name); called by `push_to_hub`, and by every save."""
+        if self.is_world_process_zero():
+            self._write_model_card(self.args.output_dir, model_name, [tags] if isinstance(tags, str) else tags)
+
+    def _write_model_card(self, output_dir: str, model_name: str | None = None, tags: list[str] | None = None) -> None:
+        images, prompts, _ = self.last_rollout_samples or ([], [], [])
+        first_of_each_prompt = {}  # one sample per prompt: the first image of each group
+        for i, prompt in enumerate(prompts):
+            first_of_each_prompt.setdefault(prompt, i)
+        write_model_card(
+            output_dir,
+            model_id=self.args.hub_model_id or os.path.basename(os.path.normpath(output_dir)),
+            title=model_name,
+            base_model=self.base_model_id,
+            pipeline_class=type(self.pipeline).__name__,
+            reward_names=self.reward_func_names,
+            rewards=final_reward_values(self.state.log_history),
+            settings=self.args.to_dict(),
+            samples=[(images[i], prompts[i]) for i in list(first_of_each_prompt.values())[:4]],
+            citation=self._paper["citation"],
+            is_lora=self.use_lora,
+            denoiser_name=self.adapter.denoiser_name,
+            tags=tags,
+        )
 
     def _save_policy(self, module: torch.nn.Module, adapter_name: str, output_dir: str) -> None:
         os.makedirs(output_dir, exist_ok=True)
@@ -746,6 +776,14 @@ def _eval_mode(module: torch.nn.Module):
         yield module
     finally:
         module.train(training)
+
+
+def _base_model_id(model: str | DiffusionPipeline, pipeline: DiffusionPipeline) -> str | None:
+    """The base model's Hub id (or embedded name) for the model card; None for a local folder."""
+    name = resolve_model_name(model) if isinstance(model, str) else getattr(pipeline, "name_or_path", None)
+    if not name or (name not in EMBEDDED_MODELS and (os.path.isdir(name) or name.count("/") != 1)):
+        return None
+    return name
 
 
 @torch.no_grad()

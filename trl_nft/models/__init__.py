@@ -1,5 +1,6 @@
 """Model loading and the registry of model-family adapters."""
 
+import difflib
 import os
 
 import torch
@@ -8,14 +9,42 @@ from diffusers import DiffusionPipeline
 from .base import DiffusionAdapter, Rollout
 from .sd import StableDiffusionAdapter
 from .sd3 import SD3Adapter
-from .tiny import TINY_SD3_RESOLUTION, build_tiny_sd, build_tiny_sd3
+from .sdxl import StableDiffusionXLAdapter
+from .tiny import TINY_SD3_RESOLUTION, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
 
 
 #: Adapters by model family, looked up by the pipeline's class.
-ADAPTERS: list[type[DiffusionAdapter]] = [SD3Adapter, StableDiffusionAdapter]
+ADAPTERS: list[type[DiffusionAdapter]] = [SD3Adapter, StableDiffusionAdapter, StableDiffusionXLAdapter]
 
 #: Names that build a pipeline offline instead of loading one.
-EMBEDDED_MODELS = {"tiny-sd3": build_tiny_sd3, "tiny-sd": build_tiny_sd}
+EMBEDDED_MODELS = {"tiny-sd3": build_tiny_sd3, "tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl}
+
+
+#: Short names a user can type for the supported families' Hub checkpoints.
+MODEL_ALIASES = {
+    "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
+    "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
+    "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd2.1": "stabilityai/stable-diffusion-2-1",
+}
+
+
+def resolve_model_name(model: str) -> str:
+    """`model` with an alias (`MODEL_ALIASES`) replaced by its Hub id; embedded names, local folders and Hub ids
+    (`owner/name`) unchanged. Anything else is an error that suggests the closest known names."""
+    if model in MODEL_ALIASES:
+        return MODEL_ALIASES[model]
+    if model in EMBEDDED_MODELS or os.path.isdir(model) or model.count("/") == 1:
+        return model
+    known = [*MODEL_ALIASES, *EMBEDDED_MODELS]
+    close = difflib.get_close_matches(model, known, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise ValueError(
+        f"model={model!r} is not a known model name, a local folder, or a Hub id of the form 'owner/name'.{hint} "
+        f"Known names: {', '.join(known)}."
+    )
 
 
 def load_pipeline(model: str | DiffusionPipeline, torch_dtype: torch.dtype = torch.float32) -> DiffusionPipeline:
@@ -25,14 +54,10 @@ def load_pipeline(model: str | DiffusionPipeline, torch_dtype: torch.dtype = tor
         return model
     if not isinstance(model, str):
         raise TypeError(f"model must be a Hub id, a local folder or a diffusers.DiffusionPipeline, got {type(model)}.")
+    model = resolve_model_name(model)
     if model in EMBEDDED_MODELS:
         pipeline = EMBEDDED_MODELS[model]()
         return pipeline if torch_dtype == torch.float32 else pipeline.to(dtype=torch_dtype)
-    if not os.path.isdir(model) and model.count("/") != 1:
-        raise ValueError(
-            f"model={model!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}), a local folder, nor a Hub "
-            "id of the form 'owner/name'."
-        )
     return DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
 
 
@@ -48,13 +73,17 @@ def get_adapter(pipeline: DiffusionPipeline, **kwargs) -> DiffusionAdapter:
 __all__ = [
     "ADAPTERS",
     "EMBEDDED_MODELS",
+    "MODEL_ALIASES",
     "TINY_SD3_RESOLUTION",
     "DiffusionAdapter",
     "Rollout",
     "SD3Adapter",
     "StableDiffusionAdapter",
+    "StableDiffusionXLAdapter",
     "build_tiny_sd",
     "build_tiny_sd3",
+    "build_tiny_sdxl",
     "get_adapter",
     "load_pipeline",
+    "resolve_model_name",
 ]

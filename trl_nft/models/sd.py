@@ -68,15 +68,23 @@ class StableDiffusionAdapter(DiffusionAdapter):
         alphas, vp_sigmas = (value.to(noisy_latents.device) for value in self._alpha_sigma(timesteps))
         scale = (alphas + vp_sigmas).to(noisy_latents.dtype).view(-1, 1, 1, 1)
         vp_noisy = noisy_latents * scale
-        output = model(vp_noisy, timesteps.to(noisy_latents.device), conditioning["prompt_embeds"], return_dict=False)[
-            0
-        ]
+        output = model(
+            vp_noisy,
+            timesteps.to(noisy_latents.device),
+            conditioning["prompt_embeds"],
+            return_dict=False,
+            **self._unet_kwargs(conditioning, noisy_latents),
+        )[0]
         return vp_output_to_flow_velocity(
             output, vp_noisy, alphas, vp_sigmas, self.model_scheduler.config.prediction_type
         )
 
+    def _unet_kwargs(self, conditioning: dict[str, torch.Tensor], latents: torch.Tensor) -> dict:
+        """Keyword arguments of the UNet call beyond `(sample, timestep, encoder_hidden_states)`; SDXL adds some."""
+        return {}
+
     def save_lora_weights(self, output_dir, lora_state_dict, adapter_metadata) -> None:
-        StableDiffusionPipeline.save_lora_weights(
+        self.pipeline_classes[0].save_lora_weights(
             output_dir, unet_lora_layers=lora_state_dict, unet_lora_adapter_metadata=adapter_metadata
         )
 

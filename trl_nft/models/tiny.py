@@ -1,4 +1,5 @@
-"""Embedded models: tiny random-weight pipelines built entirely offline (`tiny-sd3`, the default, and `tiny-sd`).
+"""Embedded models: tiny random-weight pipelines built entirely offline (`tiny-sd3`, the default, `tiny-sd` and
+`tiny-sdxl`).
 
 Nothing here touches the network: the tokenizers are built from an in-memory vocabulary and every module from a
 config, so `DiffusionNFTTrainer(model="tiny-sd3", ...)` works on a fresh machine without a Hub cache. The pipeline is
@@ -12,10 +13,12 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
+    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
 from transformers import (
@@ -31,6 +34,8 @@ from transformers import (
 
 TINY_SD3_RESOLUTION = 64
 _CHARACTERS = string.ascii_lowercase + string.digits + string.punctuation
+#: The scaled-linear betas SD1.x and SDXL train with.
+_SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
 def _clip_tokenizer() -> CLIPTokenizer:
@@ -131,23 +136,66 @@ def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
 def build_tiny_sd(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionPipeline:
     """Build a tiny SD1.x-style pipeline (64 px, 4 latent channels, VAE scale 4, UNet with cross-attention, DDIM with
     SD's scaled-linear betas) with weights fixed by `seed`; `prediction_type` is `"epsilon"` or `"v_prediction"`."""
+    components = _tiny_unet_components(
+        seed,
+        xl=False,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+    )
+    scheduler = DDIMScheduler(
+        **_SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type
+    )
+    pipeline = StableDiffusionPipeline(
+        **components, scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    return _as_loaded(pipeline)
+
+
+def build_tiny_sdxl(seed: int = 0, prediction_type: str = "epsilon") -> StableDiffusionXLPipeline:
+    """Build a tiny SDXL pipeline (64 px, 4 latent channels, VAE scale 4; two CLIP encoders whose hidden states are
+    concatenated, a UNet with SDXL's `text_time` added conditioning, Euler with SDXL's scheduler config) with weights
+    fixed by `seed`; `prediction_type` is `"epsilon"` or `"v_prediction"`."""
+    components = _tiny_unet_components(
+        seed,
+        xl=True,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,  # the two encoders' hidden states (32 each), concatenated
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        # 6 time ids (original size, crop corner, target size) embedded in 8 each, and the pooled embedding (32)
+        projection_class_embeddings_input_dim=6 * 8 + 32,
+    )
+    scheduler = EulerDiscreteScheduler(
+        **_SD_BETAS, steps_offset=1, timestep_spacing="leading", prediction_type=prediction_type
+    )
+    return _as_loaded(StableDiffusionXLPipeline(**components, scheduler=scheduler, add_watermarker=False))
+
+
+def _tiny_unet_components(seed: int, xl: bool, **unet_blocks) -> dict:
+    """The modules of the tiny SD1.x (`xl=False`) or SDXL pipeline, drawn from `seed` in a fixed order: the CLIP text
+    encoder (SDXL: and a second one with a projection, for the pooled embedding), a two-level UNet for 16 x 16 latents
+    (`unet_blocks`: its block types and conditioning), the VAE (4 latent channels, scale 4)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = _clip_tokenizer()
-        text_encoder = CLIPTextModel(_clip_text_config(tokenizer))
-        unet = UNet2DConditionModel(
+        components = {"tokenizer": tokenizer, "text_encoder": CLIPTextModel(_clip_text_config(tokenizer))}
+        if xl:
+            components["tokenizer_2"] = tokenizer
+            components["text_encoder_2"] = CLIPTextModelWithProjection(_clip_text_config(tokenizer, projection_dim=32))
+        components["unet"] = UNet2DConditionModel(
             sample_size=TINY_SD3_RESOLUTION // 4,
             in_channels=4,
             out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             block_out_channels=(16, 32),
             layers_per_block=1,
-            cross_attention_dim=32,
             attention_head_dim=8,
             norm_num_groups=8,
+            **unet_blocks,
         )
-        vae = AutoencoderKL(
+        components["vae"] = AutoencoderKL(
             in_channels=3,
             out_channels=3,
             down_block_types=("DownEncoderBlock2D",) * 3,
@@ -157,27 +205,9 @@ def build_tiny_sd(seed: int = 0, prediction_type: str = "epsilon") -> StableDiff
             latent_channels=4,
             norm_num_groups=4,
             sample_size=TINY_SD3_RESOLUTION,
+            **(dict(scaling_factor=0.13025, force_upcast=True) if xl else {}),  # SDXL's VAE config
         )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    return _as_loaded(pipeline)
+    return components
 
 
 def _as_loaded(pipeline):

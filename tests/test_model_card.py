@@ -1,0 +1,100 @@
+"""The diffusers model card written by every save, and `push_to_hub` down to huggingface_hub's upload call."""
+
+import huggingface_hub.hf_api
+import numpy as np
+import torch
+import yaml
+from huggingface_hub import CommitInfo, HfApi, RepoUrl
+
+from trl_nft import DiffusionNFTTrainer, build_tiny_sd3
+from trl_nft.model_card import TAGS
+
+
+def _trainer(make_config, prompts_dataset, **overrides):
+    config = make_config(eval_strategy="steps", eval_steps=2, learning_rate=1e-2, **overrides)
+    return DiffusionNFTTrainer(
+        "tiny-sd3",
+        "jpeg_incompressibility",
+        args=config,
+        train_dataset=prompts_dataset,
+        eval_dataset=prompts_dataset.select(range(2)),
+    )
+
+
+def test_save_model_writes_a_diffusers_card_next_to_a_loadable_lora(make_config, prompts_dataset, tmp_path):
+    trainer = _trainer(make_config, prompts_dataset)
+    trainer.train()
+    output_dir = tmp_path / "saved"
+    trainer.save_model(str(output_dir))
+
+    card = (output_dir / "README.md").read_text()
+    _, front_matter, body = card.split("---\n", 2)
+    metadata = yaml.safe_load(front_matter)
+    assert metadata["library_name"] == "diffusers" and metadata["pipeline_tag"] == "text-to-image"
+    assert metadata["base_model"] == "tiny-sd3"
+    assert set(TAGS) <= set(metadata["tags"])
+    for entry in metadata["widget"]:  # the last rollout's images, one per prompt, with their prompts
+        assert (output_dir / entry["output"]["url"]).is_file() and entry["text"] in trainer.last_rollout_samples[1]
+    assert len({entry["text"] for entry in metadata["widget"]}) == len(metadata["widget"]) >= 1
+    final = [entry for entry in trainer.state.log_history if "reward" in entry][-1]
+    assert f"| `rewards/jpeg_incompressibility/mean` | {final['rewards/jpeg_incompressibility/mean']:.4g} |" in body
+    assert "| `eval_reward` |" in body and "| `lora_r` | `4` |" in body
+    assert 'pipeline.load_lora_weights("saved")' in body
+    assert "zheng2026diffusionnft" in body and "vonwerra2020trl" in body
+
+    # The folder is exactly what diffusers loads.
+    fresh = build_tiny_sd3()
+    fresh.set_progress_bar_config(disable=True)
+    fresh.load_lora_weights(str(output_dir))
+    image = fresh("a photo", num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert np.isfinite(image.images).all()
+
+
+def test_push_to_hub_uploads_the_card_and_the_lora(make_config, prompts_dataset, tmp_path, monkeypatch):
+    commits = []
+
+    def create_repo(self, repo_id, **kwargs):
+        return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+    def create_commit(self, repo_id, operations, *, commit_message, **kwargs):
+        commits.append((repo_id, commit_message, sorted(op.path_in_repo for op in operations)))
+        return CommitInfo(
+            commit_url=f"https://huggingface.co/{repo_id}/commit/1",
+            commit_message=commit_message,
+            commit_description="",
+            oid="1" * 40,
+        )
+
+    validated = []
+
+    def validate_yaml(self, content, **kwargs):  # the Hub checks the card's metadata: here, that it parses
+        validated.append(yaml.safe_load(content.split("---\n")[1]))
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    # upload_folder's single-commit path (the one without hf_xet), which ends in `create_commit`.
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
+    monkeypatch.setattr(HfApi, "_validate_yaml", validate_yaml)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    trainer = _trainer(
+        make_config, prompts_dataset, push_to_hub=True, hub_model_id="someone/tiny-sd3-nft", hub_strategy="end"
+    )
+    trainer.train()
+    trainer.push_to_hub(commit_message="End of training")
+
+    assert len(commits) == 1 and validated[0]["library_name"] == "diffusers"
+    repo_id, message, files = commits[0]
+    assert (repo_id, message) == ("someone/tiny-sd3-nft", "End of training")
+    samples = [path for path in files if path.startswith("images/")]
+    assert files == sorted(["README.md", "pytorch_lora_weights.safetensors", "training_args.bin", *samples])
+    assert samples and all(path.endswith(".png") for path in samples)
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert 'pipeline.load_lora_weights("someone/tiny-sd3-nft")' in card
+
+
+def test_a_fully_fine_tuned_card_says_how_to_load_the_denoiser(make_config, prompts_dataset, tmp_path):
+    trainer = _trainer(make_config, prompts_dataset, use_peft=False, max_steps=1)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "full"))
+    card = (tmp_path / "full" / "README.md").read_text()
+    assert "full-fine-tune" in yaml.safe_load(card.split("---\n")[1])["tags"]
+    assert 'from_pretrained("full", subfolder="transformer"' in card

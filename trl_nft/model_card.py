@@ -1,0 +1,161 @@
+"""The Hub model card of a DiffusionNFT run, made for diffusers: a LoRA (or denoiser) that `load_lora_weights` loads,
+with the rewards it reached, the settings that produced it, sample images and the citations."""
+
+import os
+import textwrap
+
+import yaml
+from PIL import Image
+
+
+TAGS = ["trl", "trl-nft", "diffusion-nft", "lora", "diffusers", "text-to-image"]
+TRL_CITATION = textwrap.dedent("""\
+    @software{vonwerra2020trl,
+        title   = {{TRL: Transformers Reinforcement Learning}},
+        author  = {von Werra, Leandro and Belkada, Younes and Tunstall, Lewis and Beeching, Edward and Thrush, Tristan and Lambert, Nathan and Huang, Shengyi and Rasul, Kashif and Gallouédec, Quentin},
+        license = {Apache-2.0},
+        url     = {https://github.com/huggingface/trl},
+        year    = {2020}
+    }""")
+#: The settings a reader needs to judge or reproduce a run, in the order shown.
+KEY_SETTINGS = [
+    "max_steps",
+    "learning_rate",
+    "num_generations",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_inference_steps",
+    "guidance_scale",
+    "sampler",
+    "resolution",
+    "beta",
+    "kl_coef",
+    "loss_type",
+    "scale_rewards",
+    "advantage_clip",
+    "old_policy_decay_schedule",
+    "old_policy_decay_rate",
+    "old_policy_decay_max",
+    "ema_decay",
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "seed",
+]
+
+
+def final_reward_values(log_history: list[dict]) -> dict[str, float]:
+    """The last logged value of each reward metric: `reward`, `rewards/<name>/mean` (training) and their `eval_`
+    counterparts."""
+    values = {}
+    for entry in log_history:
+        for key, value in entry.items():
+            if key in ("reward", "eval_reward") or key.startswith(("rewards/", "eval_rewards/")):
+                values[key] = value
+    return values
+
+
+def write_model_card(
+    output_dir: str,
+    *,
+    model_id: str,
+    title: str | None = None,
+    base_model: str | None,
+    pipeline_class: str,
+    reward_names: list[str],
+    rewards: dict[str, float],
+    settings: dict,
+    samples: list[tuple[Image.Image, str]],
+    citation: str,
+    is_lora: bool = True,
+    denoiser_name: str = "transformer",
+    tags: list[str] | None = None,
+) -> str:
+    """Write `output_dir/README.md` (and the sample images to `output_dir/images/`); return the card's text.
+    `model_id` is where users load the weights from (the Hub id, or the folder), `title` the heading (default:
+    `model_id`)."""
+    os.makedirs(os.path.join(output_dir, "images"), exist_ok=True)
+    widget = []
+    for i, (image, prompt) in enumerate(samples):
+        path = f"images/sample_{i}.png"
+        image.save(os.path.join(output_dir, path))
+        widget.append({"text": prompt, "output": {"url": path}})
+    metadata = {
+        **({"base_model": base_model} if base_model else {}),
+        "library_name": "diffusers",
+        "pipeline_tag": "text-to-image",
+        "tags": list(dict.fromkeys(TAGS + (tags or []) + ([] if is_lora else ["full-fine-tune"]))),
+        **({"widget": widget} if widget else {}),
+    }
+    base = base_model or "<base model>"
+    base_link = f"[{base}](https://huggingface.co/{base})" if base.count("/") == 1 else f"`{base}`"
+    if is_lora:
+        load = f'pipeline.load_lora_weights("{model_id}")'
+    else:
+        load = (
+            f'pipeline.{denoiser_name} = pipeline.{denoiser_name}.from_pretrained("{model_id}", '
+            f'subfolder="{denoiser_name}", torch_dtype=torch.bfloat16)'
+        )
+    reward_rows = "\n".join(f"| `{key}` | {value:.4g} |" for key, value in rewards.items()) or "| - | - |"
+    setting_rows = "\n".join(f"| `{key}` | `{settings[key]}` |" for key in KEY_SETTINGS if key in settings)
+    sample_rows = "\n".join(
+        f"| ![{prompt}]({entry['output']['url']}) | {prompt} |"
+        for entry, (_, prompt) in zip(widget, samples, strict=True)
+    )
+    body = f"""
+# {title or model_id}
+
+A {"LoRA of" if is_lora else "fine-tuned denoiser of"} {base_link} trained with
+**DiffusionNFT** (online reinforcement learning on the forward process) by [trl-nft](https://github.com/trl-nft/trl-nft),
+against the reward{"s" if len(reward_names) > 1 else ""} {", ".join(f"`{name}`" for name in reward_names)}.
+It is a diffusers {pipeline_class} {"LoRA" if is_lora else "component"}: load it as below.
+
+## Usage
+
+```python
+import torch
+from diffusers import DiffusionPipeline
+
+pipeline = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
+{load}
+image = pipeline("a photo of a cat", num_inference_steps=40, guidance_scale=1.0).images[0]
+```
+
+DiffusionNFT trains the model to sample without classifier-free guidance (`guidance_scale=1.0`).
+
+## Rewards
+
+Last logged values (`rewards/...`: training rollouts; `eval_...`: evaluation prompts with fixed noise).
+
+| metric | value |
+|---|---|
+{reward_rows}
+
+## Samples
+
+Images of the last training rollout, with their prompts.
+
+| image | prompt |
+|---|---|
+{sample_rows}
+
+## Training settings
+
+| setting | value |
+|---|---|
+{setting_rows}
+
+## Citations
+
+```bibtex
+{citation}
+```
+
+```bibtex
+{TRL_CITATION}
+```
+"""
+    card = f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n{body}"
+    with open(os.path.join(output_dir, "README.md"), "w") as file:
+        file.write(card)
+    return card

@@ -1,0 +1,1 @@
+"""Training scripts that `trl nft` / `trl-nft nft` launch with accelerate."""
