@@ -349,7 +349,7 @@ def test_unknown_or_non_flow_sampler(make_config, prompts_dataset):
 
 
 def test_unsupported_pipeline_is_named(make_config, prompts_dataset):
-    with pytest.raises(ValueError, match="model='not-a-model' is neither"):
+    with pytest.raises(ValueError, match="model='not-a-model' is not a known model name.*Known names: sd3.5-medium"):
         DiffusionNFTTrainer("not-a-model", "jpeg_compressibility", args=make_config(), train_dataset=prompts_dataset)
 
 

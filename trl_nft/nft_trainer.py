@@ -70,10 +70,13 @@ class DiffusionNFTTrainer(Trainer):
 
     Args:
         model (`str` or `diffusers.DiffusionPipeline`):
-            A Hub id, a local folder, a pipeline instance, or `"tiny-sd3"` (a tiny random SD3 built offline).
+            A Hub id, a local folder, a pipeline instance, a name such as `"sd3.5-medium"` (`MODEL_ALIASES`), or an
+            embedded model: `"tiny-sd3"`, `"tiny-sd"`, `"tiny-sdxl"` (tiny random pipelines built offline).
         reward_funcs (`str`, callable, or a list of them):
-            Reward functions `f(images, prompts, **kwargs) -> list[float | None]` (see `trl_nft.rewards`), or names of
-            registered rewards such as `"jpeg_compressibility"`. Several are summed with `args.reward_weights`.
+            Reward functions `f(images, prompts, **kwargs) -> list[float | None]` (see `trl_nft.rewards`), reward
+            objects such as `get_reward("clip_score", checkpoint=...)`, or names of registered rewards such as
+            `"geneval"`, mixed. Several are summed with `args.reward_weights`; model-backed rewards (`RewardModel`) are
+            moved to the training device and mixed-precision dtype.
         args ([`NFTConfig`], *optional*):
             Configuration; defaults to `NFTConfig(output_dir=f"{model_name}-NFT")`.
         train_dataset (`datasets.Dataset`):
