@@ -48,6 +48,7 @@ SCRIPT = textwrap.dedent(
     records["trained"] = [p.detach().sum().item() for p in trainer._trained_params]
     with open(f"{sys.argv[1]}/rank{trainer.accelerator.process_index}.json", "w") as f:
         json.dump(records, f)
+    torch.distributed.destroy_process_group()  # a clean exit: no gloo thread left running at teardown
     """
 )
 

@@ -7,6 +7,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .base import DiffusionAdapter, Rollout
+from .digits import load_digits_sd3
 from .sd import StableDiffusionAdapter
 from .sd3 import SD3Adapter
 from .sdxl import StableDiffusionXLAdapter
@@ -17,7 +18,13 @@ from .tiny import TINY_SD3_RESOLUTION, build_tiny_sd, build_tiny_sd3, build_tiny
 ADAPTERS: list[type[DiffusionAdapter]] = [SD3Adapter, StableDiffusionAdapter, StableDiffusionXLAdapter]
 
 #: Names that build a pipeline offline instead of loading one.
-EMBEDDED_MODELS = {"tiny-sd3": build_tiny_sd3, "tiny-sd": build_tiny_sd, "tiny-sdxl": build_tiny_sdxl}
+EMBEDDED_MODELS = {
+    "tiny-sd3": build_tiny_sd3,
+    "tiny-sd": build_tiny_sd,
+    "tiny-sdxl": build_tiny_sdxl,
+    # A pretrained 16 px SD3 on scikit-learn's handwritten digits, shipped in the package (`models/digits.py`).
+    "digits-sd3": load_digits_sd3,
+}
 
 
 #: Short names a user can type for the supported families' Hub checkpoints.
@@ -83,6 +90,7 @@ __all__ = [
     "build_tiny_sd",
     "build_tiny_sd3",
     "build_tiny_sdxl",
+    "load_digits_sd3",
     "get_adapter",
     "load_pipeline",
     "resolve_model_name",

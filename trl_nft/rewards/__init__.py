@@ -78,7 +78,7 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 
 # Built-ins register themselves on import.
-from . import clip, geneval, image_reward, jpeg, ocr, remote, vlm  # noqa: E402, F401
+from . import clip, digits, geneval, image_reward, jpeg, ocr, remote, vlm  # noqa: E402, F401
 
 
 __all__ = [

@@ -17,6 +17,7 @@ from datasets import Dataset
 from trl import TrlParser
 
 from trl_nft import DiffusionNFTTrainer, NFTConfig
+from trl_nft.models.digits import digit_prompts
 from trl_nft.prompts import (
     drawbench_prompts,
     geneval_prompts,
@@ -45,6 +46,9 @@ PROMPT_SETS = {
             ]
         }
     ),
+    # The ten "a handwritten digit <name>" prompts with a `digit` column (the digits-sd3 benchmark); the test split
+    # repeats each 10 times: evaluation draws one image per prompt.
+    "digits": lambda split, seed, n: digit_prompts(10 if split == "test" else 1),
 }
 #: The prompts a reward trains on unless `--dataset` says otherwise.
 DEFAULT_PROMPTS = {
@@ -52,6 +56,8 @@ DEFAULT_PROMPTS = {
     "ocr": "ocr",
     "jpeg_compressibility": "simple",
     "jpeg_incompressibility": "simple",
+    "digit_accuracy": "digits",
+    "digit_judge": "digits",
 }
 DEFAULT_PROMPT_SET = "pickapic"  # preference rewards (PickScore, HPSv2, aesthetic, ImageReward, CLIP, VLM judges)
 
@@ -202,11 +208,11 @@ def main(script_args: NFTScriptArguments, training_args: NFTConfig) -> Diffusion
             None,
             script_args.dataset_path,
         )
-        if (
-            "geneval" in [getattr(reward, "name", None) for reward in rewards]
-            and "metadata" in eval_dataset.column_names
-        ):
+        names = [getattr(reward, "name", None) for reward in rewards]
+        if "geneval" in names and "metadata" in eval_dataset.column_names:
             eval_rewards = get_reward("geneval", strict=True)
+        elif "digit_accuracy" in names and "digit" in eval_dataset.column_names:
+            eval_rewards = get_reward("digit_judge")  # the held-out judge of the digits benchmark
     elif training_args.eval_strategy != "no":
         raise ValueError(f"--eval_strategy {training_args.eval_strategy} needs --eval_dataset (a prompt set).")
     trainer = DiffusionNFTTrainer(

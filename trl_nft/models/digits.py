@@ -1,0 +1,379 @@
+"""`digits-sd3`: a real, pretrained (if tiny) text-to-image model on which DiffusionNFT visibly learns on CPU.
+
+scikit-learn's `load_digits` (1797 real 8 x 8 handwritten digits) rendered at 16 x 16 pixels is the data. The builder
+(`python -m trl_nft.models.digits`, seeded, about 5 minutes on 2 CPU cores) trains, on a fixed training split:
+
+- a 4-channel `AutoencoderKL` (VAE scale 2, 16 x 16 images <-> 4 x 8 x 8 latents);
+- the reward classifier: a small CNN on 16 x 16 images (`DigitClassifier`, the `digit_accuracy` reward);
+- a *different* held-out judge: a logistic regression on the 8 x 8 downsampled image (the `digit_judge` reward, for
+  `eval_reward_funcs` only, never trained on);
+- a tiny SD3 transformer, pretrained with rectified flow on prompts such as "a handwritten digit seven" (the text
+  encoders are `tiny-sd3`'s, frozen), stopped early while it follows its prompt poorly: the pinned base has a
+  CFG-free accuracy of at most 0.45 under the reward classifier, which leaves room for RL to show.
+
+The weights it writes ship in the package (`DIGITS_SD3_PATH`, about 6 MB): the conditioning is learnt abruptly during
+pretraining, so a rebuild on other hardware or another torch may stop at another base; shipping pins it.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+DIGITS_SD3_PATH = os.path.join(os.path.dirname(__file__), "digits_sd3")
+DIGITS_RESOLUTION = 16
+DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+PROMPT_TEMPLATE = "a handwritten digit {}"
+CLASSIFIER_FILE = "reward_classifier.safetensors"
+JUDGE_FILE = "judge.safetensors"
+MAX_BASE_ACCURACY = 0.45  # the pinned base's CFG-free accuracy must not exceed this
+
+
+# ---------------------------------------------------------------------------------------------- prompts and data
+
+
+def digit_prompt(digit: int) -> str:
+    return PROMPT_TEMPLATE.format(DIGIT_NAMES[digit])
+
+
+def prompt_digit(prompt: str) -> int | None:
+    """The digit a prompt asks for (the first digit name among its words), or None."""
+    for word in prompt.lower().replace(",", " ").split():
+        if word in DIGIT_NAMES:
+            return DIGIT_NAMES.index(word)
+    return None
+
+
+def digit_prompts(repeats: int = 1) -> Dataset:
+    """The ten digit prompts, each `repeats` times, with their `digit` column (the `digits` prompt set)."""
+    digits = [digit for _ in range(repeats) for digit in range(10)]
+    return Dataset.from_dict({"prompt": [digit_prompt(d) for d in digits], "digit": digits})
+
+
+def load_digit_images(seed: int = 0, test_fraction: float = 0.2) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """scikit-learn's digits rendered as 16 x 16 grayscale images in [0, 1] (`[N, 1, 16, 16]`) with their labels,
+    split by `seed` into `train` and `test` (held out from every model the builder trains)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.from_numpy(data.images).float().unsqueeze(1) / 16
+    images = F.interpolate(images, size=DIGITS_RESOLUTION, mode="bilinear", align_corners=False).clamp(0, 1)
+    labels = torch.from_numpy(data.target).long()
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    n_test = int(len(labels) * test_fraction)
+    test, train = order[:n_test], order[n_test:]
+    return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
+
+
+def to_grayscale(images: torch.Tensor) -> torch.Tensor:
+    """`[B, 3, H, W]` (or `[B, 1, H, W]`) in [0, 1] -> `[B, 1, 16, 16]`, the input of the classifier and the judge."""
+    gray = images.mean(dim=1, keepdim=True)
+    if gray.shape[-1] != DIGITS_RESOLUTION:
+        gray = F.interpolate(gray, size=DIGITS_RESOLUTION, mode="bilinear", antialias=True, align_corners=False)
+    return gray
+
+
+# ---------------------------------------------------------------------------------------------- classifier and judge
+
+
+class DigitClassifier(nn.Module):
+    """The reward classifier: a small CNN on 16 x 16 grayscale images in [0, 1]; returns logits over the 10 digits."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(32 * 4 * 4, 10))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+
+def judge_features(gray: torch.Tensor) -> torch.Tensor:
+    """The judge's input: the 16 x 16 image averaged down to 8 x 8, on the 0-16 scale of the original data."""
+    return F.avg_pool2d(gray, 2).flatten(1) * 16
+
+
+class DigitJudge(nn.Module):
+    """The held-out judge: a multinomial logistic regression (fitted by scikit-learn) on `judge_features`."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, gray: torch.Tensor) -> torch.Tensor:
+        return judge_features(gray) @ self.weight.T + self.bias
+
+
+def load_classifier(path: str = DIGITS_SD3_PATH) -> DigitClassifier:
+    classifier = DigitClassifier()
+    classifier.load_state_dict(load_file(os.path.join(path, CLASSIFIER_FILE)))
+    return classifier.eval()
+
+
+def load_judge(path: str = DIGITS_SD3_PATH) -> DigitJudge:
+    return DigitJudge(**load_file(os.path.join(path, JUDGE_FILE))).eval()
+
+
+def load_digits_sd3(path: str = DIGITS_SD3_PATH) -> StableDiffusion3Pipeline:
+    """The `digits-sd3` pipeline (16 x 16 images), loaded with `StableDiffusion3Pipeline.from_pretrained`."""
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(f"{path} holds no digits-sd3 build: run `python -m trl_nft.models.digits`.")
+    pipeline = StableDiffusion3Pipeline.from_pretrained(path)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+# ---------------------------------------------------------------------------------------------- the builder
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def _shift(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random translations by up to one pixel (augmentation of the classifier's training images)."""
+    dx, dy = torch.randint(-1, 2, (2,), generator=generator).tolist()
+    return torch.roll(images, shifts=(dy, dx), dims=(2, 3))
+
+
+def train_classifier(images, labels, generator, steps: int = 1500) -> DigitClassifier:
+    classifier = DigitClassifier()
+    optimizer = torch.optim.Adam(classifier.parameters(), lr=2e-3)
+    batches = _batches(len(labels), 64, generator)
+    for _ in range(steps):
+        index = next(batches)
+        loss = F.cross_entropy(classifier(_shift(images[index], generator)), labels[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return classifier.eval()
+
+
+def train_judge(images, labels, seed: int) -> DigitJudge:
+    from sklearn.linear_model import LogisticRegression
+
+    features = judge_features(images).numpy()
+    model = LogisticRegression(C=0.1, max_iter=2000, random_state=seed).fit(features, labels.numpy())
+    return DigitJudge(
+        torch.tensor(model.coef_, dtype=torch.float32), torch.tensor(model.intercept_, dtype=torch.float32)
+    )
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=DIGITS_RESOLUTION,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+
+
+def train_vae(images, generator, steps: int, log) -> AutoencoderKL:
+    vae = build_vae().train()
+    optimizer = torch.optim.Adam(vae.parameters(), lr=2e-3)
+    batches = _batches(len(images), 32, generator)
+    for step in range(steps):
+        x = images[next(batches)].expand(-1, 3, -1, -1) * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        loss = F.mse_loss(vae.decode(z).sample, x) + 1e-6 * posterior.kl().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"vae step {step}: loss {loss.item():.5f}")
+    vae.eval()
+    with torch.no_grad():  # SD3's latent normalisation, measured on the training images
+        latents = vae.encode(images.expand(-1, 3, -1, -1) * 2 - 1).latent_dist.mean
+    vae.register_to_config(shift_factor=latents.mean().item(), scaling_factor=1 / latents.std().item())
+    return vae
+
+
+def build_transformer() -> SD3Transformer2DModel:
+    return SD3Transformer2DModel(
+        sample_size=DIGITS_RESOLUTION // 2,  # latents are 8 x 8 (VAE scale 2)
+        patch_size=1,
+        in_channels=4,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=2,
+        joint_attention_dim=64,  # tiny-sd3's T5 width
+        caption_projection_dim=64,
+        pooled_projection_dim=64,  # tiny-sd3's two pooled CLIP embeddings
+        out_channels=4,
+        pos_embed_max_size=8,
+    )
+
+
+@torch.no_grad()
+def sample_digits(pipeline, transformer, embeds, digits, generator, steps: int = 10, guidance_scale: float = 1.0):
+    """Images (`[B, 3, 16, 16]` in [0, 1]) for `digits`, with SD3's Euler flow sampler, from prompt embeddings
+    `embeds` (per digit, and index 10: the empty prompt) as the pipeline computes them."""
+    prompt_embeds, pooled = embeds
+    vae = pipeline.vae
+    latents = torch.randn(len(digits), 4, 8, 8, generator=generator)
+    sigmas = torch.linspace(1, 0, steps + 1)
+    cond = (prompt_embeds[digits], pooled[digits])
+    uncond = (prompt_embeds[[10] * len(digits)], pooled[[10] * len(digits)])
+    for sigma, next_sigma in zip(sigmas[:-1], sigmas[1:], strict=True):
+        timestep = torch.full((len(digits),), sigma.item() * 1000)
+        velocity = transformer(latents, cond[0], cond[1], timestep, return_dict=False)[0]
+        if guidance_scale != 1.0:
+            uncond_velocity = transformer(latents, uncond[0], uncond[1], timestep, return_dict=False)[0]
+            velocity = uncond_velocity + guidance_scale * (velocity - uncond_velocity)
+        latents = latents + (next_sigma - sigma) * velocity
+    images = vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def base_accuracy(pipeline, transformer, embeds, classifier, guidance_scale=1.0, per_digit=10, seed=1234) -> float:
+    """Accuracy of the reward classifier on `per_digit` images of each digit, fixed noise."""
+    generator = torch.Generator().manual_seed(seed)
+    digits = torch.arange(10).repeat_interleave(per_digit)
+    transformer.eval()
+    images = sample_digits(pipeline, transformer, embeds, digits, generator, guidance_scale=guidance_scale)
+    transformer.train()
+    with torch.no_grad():
+        return (classifier(to_grayscale(images)).argmax(1) == digits).float().mean().item()
+
+
+def pretrain_transformer(pipeline, images, labels, classifier, generator, log, eval_every=60, max_steps=3000):
+    """Rectified flow on the VAE latents of the training images, conditioned on their prompts (10% empty, for CFG).
+    Every `eval_every` steps the CFG-free accuracy is measured; training stops at the first evaluation at or above
+    0.30 and returns that snapshot, or the previous one if it overshot `MAX_BASE_ACCURACY`."""
+    prompts = [digit_prompt(d) for d in range(10)] + [""]
+    with torch.no_grad():
+        prompt_embeds, _, pooled, _ = pipeline.encode_prompt(
+            prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=128
+        )
+        vae = pipeline.vae
+        latents = vae.encode(images.expand(-1, 3, -1, -1) * 2 - 1).latent_dist.mean
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    embeds = (prompt_embeds, pooled)
+    transformer = build_transformer().train()
+    optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3, weight_decay=0.0)
+    batches = _batches(len(labels), 32, generator)
+    previous, history = None, []
+    for step in range(1, max_steps + 1):
+        index = next(batches)
+        x0 = latents[index]
+        condition = torch.where(torch.rand(len(index), generator=generator) < 0.1, 10, labels[index])
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.sigmoid(torch.randn(len(index), generator=generator))  # SD3's logit-normal times
+        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
+        velocity = transformer(xt, prompt_embeds[condition], pooled[condition], t * 1000, return_dict=False)[0]
+        loss = F.mse_loss(velocity, noise - x0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % eval_every == 0:
+            accuracy = base_accuracy(pipeline, transformer, embeds, classifier)
+            history.append((step, accuracy))
+            log(f"transformer step {step}: loss {loss.item():.4f}, CFG-free accuracy {accuracy:.3f}")
+            if accuracy >= 0.30:
+                if accuracy > MAX_BASE_ACCURACY and previous is not None:
+                    transformer.load_state_dict(previous)
+                    history.append((step - eval_every, history[-2][1]))
+                break
+            previous = {key: value.clone() for key, value in transformer.state_dict().items()}
+    return transformer.eval(), embeds, history
+
+
+def build_digits_sd3(output_dir: str = DIGITS_SD3_PATH, seed: int = 0, vae_steps: int = 1500, log=None) -> dict:
+    """Train every part on the training split with seed `seed` and write the model to `output_dir` (the pipeline in
+    diffusers' layout, `reward_classifier.safetensors`, `judge.safetensors` and `build_info.json`)."""
+    from .tiny import build_tiny_sd3
+
+    start = time.time()
+    log = log or (lambda message: print(f"[{time.time() - start:6.0f} s] {message}", flush=True))
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    data = load_digit_images(seed)
+    (train_images, train_labels), (test_images, test_labels) = data["train"], data["test"]
+
+    def accuracy(model, images, labels):
+        with torch.no_grad():
+            return (model(images).argmax(1) == labels).float().mean().item()
+
+    classifier = train_classifier(train_images, train_labels, generator)
+    judge = train_judge(train_images, train_labels, seed)
+    info = {
+        "seed": seed,
+        "classifier_test_accuracy": accuracy(classifier, test_images, test_labels),
+        "judge_test_accuracy": accuracy(judge, test_images, test_labels),
+    }
+    log(f"classifier {info['classifier_test_accuracy']:.3f}, judge {info['judge_test_accuracy']:.3f} (held out)")
+
+    vae = train_vae(train_images, generator, vae_steps, log)
+    with torch.no_grad():
+        x = test_images.expand(-1, 3, -1, -1) * 2 - 1
+        reconstructions = (vae.decode(vae.encode(x).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+    mse = F.mse_loss(reconstructions, test_images.expand(-1, 3, -1, -1)).item()
+    info["vae_test_psnr"] = 10 * np.log10(1 / mse)
+    info["classifier_reconstruction_accuracy"] = accuracy(classifier, to_grayscale(reconstructions), test_labels)
+    log(
+        f"vae PSNR {info['vae_test_psnr']:.1f} dB, classifier on reconstructions {info['classifier_reconstruction_accuracy']:.3f}"
+    )
+
+    tiny = build_tiny_sd3(seed)  # its tokenizers and frozen text encoders
+    pipeline = StableDiffusion3Pipeline(
+        transformer=build_transformer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=vae,
+        **{key: value for key, value in tiny.components.items() if key.startswith(("text_encoder", "tokenizer"))},
+    )
+    transformer, embeds, history = pretrain_transformer(
+        pipeline, train_images, train_labels, classifier, generator, log
+    )
+    pipeline.transformer = transformer
+    info["pretraining_history"] = history
+    info["base_accuracy_cfg_free"] = base_accuracy(pipeline, transformer, embeds, classifier)
+    info["base_accuracy_cfg_2"] = base_accuracy(pipeline, transformer, embeds, classifier, guidance_scale=2.0)
+    info["build_seconds"] = round(time.time() - start)
+    info["torch"] = torch.__version__
+    log(f"base accuracy: CFG-free {info['base_accuracy_cfg_free']:.3f}, CFG 2 {info['base_accuracy_cfg_2']:.3f}")
+
+    os.makedirs(output_dir, exist_ok=True)
+    pipeline.save_pretrained(output_dir)
+    save_file(classifier.state_dict(), os.path.join(output_dir, CLASSIFIER_FILE))
+    save_file(
+        {"weight": judge.weight.contiguous(), "bias": judge.bias.contiguous()}, os.path.join(output_dir, JUDGE_FILE)
+    )
+    with open(os.path.join(output_dir, "build_info.json"), "w") as file:
+        json.dump(info, file, indent=2)
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the digits-sd3 model, its reward classifier and judge.")
+    parser.add_argument("--output_dir", default=DIGITS_SD3_PATH)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    build_digits_sd3(args.output_dir, args.seed)
+
+
+if __name__ == "__main__":
+    main()
