@@ -109,8 +109,10 @@ def test_presets_parse_with_the_released_settings():
             assert resolve_model_name(script_args.model_name_or_path) == "stabilityai/stable-diffusion-3.5-medium"
             assert (config.resolution, config.num_inference_steps, config.guidance_scale) == (512, 10, 1.0)
             assert (config.lora_r, config.lora_alpha, config.learning_rate, config.ema_decay) == (32, 64, 3e-4, 0.9)
-            assert config.num_generations == 24 and config.images_per_step * 8 == 48 * 24  # on 8 processes
+            assert config.num_generations == 24 and config.images_per_rollout * 8 == 48 * 24  # on 8 processes
             assert config.beta == (0.1 if "ocr" in path.name or "multi" in path.name else 1.0)
+        if path.name == "digits_sd3.yaml":  # ten prompts x 8 images per rollout, 8 optimizer steps on it
+            assert (config.images_per_rollout, config.optimizer_steps_per_rollout) == (80, 8)
 
 
 def test_rewards_by_flag_repeated_or_comma_separated_with_weights():

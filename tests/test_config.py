@@ -39,6 +39,8 @@ def test_sampler_kwargs_accept_json_from_the_command_line(tmp_path):
         ({"old_policy_decay_rate": -0.1}, "old_policy_decay_rate"),
         ({"old_policy_decay_delay": -1}, "old_policy_decay_delay"),
         ({"lora_r": 0}, "lora_r"),
+        ({"steps_per_generation": 0}, "steps_per_generation"),
+        ({"gradient_accumulation_steps": 2, "steps_per_generation": 3}, "steps_per_generation"),
     ],
 )
 def test_invalid_values_name_their_field(tmp_path, overrides, field):
@@ -53,4 +55,13 @@ def test_batch_must_divide_into_groups(tmp_path):
     config = NFTConfig(
         output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=3, num_generations=3
     )
-    assert (config.images_per_step, config.prompts_per_step) == (6, 2)
+    assert (config.images_per_rollout, config.prompts_per_rollout, config.optimizer_steps_per_rollout) == (6, 2, 1)
+    # A rollout of several optimizer steps: 2 images x 6 micro-batches = 12 images, 4 groups, 2 optimizer steps.
+    config = NFTConfig(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=3,
+        steps_per_generation=6,
+        num_generations=3,
+    )
+    assert (config.images_per_rollout, config.prompts_per_rollout, config.optimizer_steps_per_rollout) == (12, 4, 2)

@@ -65,6 +65,41 @@ def test_velocity_loss_matches_paper_formula():
     assert loss.loss.item() == pytest.approx(expected, rel=1e-12)
 
 
+@pytest.mark.parametrize("loss_type", ["velocity", "x0_adaptive"])
+def test_without_the_negative_term_only_the_positive_policy_is_fitted(loss_type):
+    clean, noise, sigmas, old, noisy, _ = _batch(seed=2)
+    policy = torch.randn_like(old)
+    r = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=torch.float64)
+    full = nft_loss(policy, old, noisy, clean, noise, sigmas, r, loss_type=loss_type)
+    ablated = nft_loss(policy, old, noisy, clean, noise, sigmas, r, loss_type=loss_type, negative_loss=False)
+    # The loss parts are the same; the ablated loss weighs only the positive one, by r.
+    scale = 5.0 if loss_type == "x0_adaptive" else 1.0  # A_max / beta
+    torch.testing.assert_close(ablated.positive, full.positive)
+    expected = scale * (r * _per_sample_positive(policy, old, noisy, clean, noise, sigmas, loss_type)).mean()
+    torch.testing.assert_close(ablated.loss, expected)
+
+
+def _per_sample_positive(policy, old, noisy, clean, noise, sigmas, loss_type):
+    """`L_pos` per sample (r = 1 and a batch of one, so that the mean is the sample's own)."""
+    one = torch.ones(1, dtype=torch.float64)
+    return torch.stack(
+        [
+            nft_loss(
+                policy[i : i + 1],
+                old[i : i + 1],
+                noisy[i : i + 1],
+                clean[i : i + 1],
+                noise[i : i + 1],
+                sigmas[i : i + 1],
+                one,
+                loss_type=loss_type,
+                advantage_clip=1.0,
+            ).loss
+            for i in range(len(policy))
+        ]
+    )
+
+
 def test_x0_adaptive_loss_matches_released_formula():
     # An independent numpy transcription of the released code's loss.
     clean, noise, sigmas, old, noisy, _ = _batch(seed=1)

@@ -51,6 +51,50 @@ def test_trained_adapter_changes_and_old_adapter_follows_its_schedule(make_confi
         torch.testing.assert_close(old, 0.75 * start + 0.25 * new.detach())
 
 
+def test_several_optimizer_steps_per_rollout_share_one_old_policy(make_config, prompts_dataset):
+    # 8 images per micro-step, 4 micro-steps per rollout, 2 per optimizer step: 32-image rollouts, 2 steps each.
+    config = make_config(
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        steps_per_generation=4,
+        old_policy_decay_schedule="constant",
+        old_policy_decay_max=0.5,
+        max_steps=4,
+    )
+    rollouts, old_policy_at_step_end = [], []
+    trainer = DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trained = [p.detach().clone() for p in trainer._trained_params]
+            old = [p.detach().clone() for p in trainer._old_params]
+            old_policy_at_step_end.append((trained, old))
+
+    generate = trainer._generate_and_score
+
+    def counted(rows):
+        rollouts.append([row["prompt"] for row in rows])
+        return generate(rows)
+
+    trainer._generate_and_score = counted
+    trainer.add_callback(Watch())  # runs after the soft updates
+    start = [p.detach().clone() for p in trainer._trained_params]
+    trainer.train()
+
+    assert len(rollouts) == 2 and all(len(prompts) == 32 for prompts in rollouts)
+    for prompts in rollouts:  # whole groups: 8 prompts, 4 images each
+        assert sorted(prompts.count(p) for p in set(prompts)) == [4] * 8
+    # The old policy stays the sampling policy within a rollout and is soft-updated once, after its last step.
+    (trained_1, old_1), (trained_2, old_2), _, (trained_4, old_4) = old_policy_at_step_end
+    for old, initial in zip(old_1, start, strict=True):
+        torch.testing.assert_close(old, initial)
+    for old, initial, trained in zip(old_2, start, trained_2, strict=True):
+        torch.testing.assert_close(old, 0.5 * initial + 0.5 * trained)
+    assert any(not torch.equal(a, b) for a, b in zip(trained_1, trained_2, strict=True))
+    for old, previous, trained in zip(old_4, old_2, trained_4, strict=True):
+        torch.testing.assert_close(old, 0.5 * previous + 0.5 * trained)
+
+
 def test_extra_columns_reach_the_reward_functions_aligned_with_prompts(make_config):
     dataset = Dataset.from_dict({"prompt": [f"prompt {i}" for i in range(8)], "target": list(range(8))})
     seen = []

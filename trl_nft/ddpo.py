@@ -147,7 +147,7 @@ class DDPOTrainer(DiffusionNFTTrainer):
         self._ddpo_reward_function, self._image_samples_hook = reward_function, image_samples_hook
         self._sample_batches: list[list] = []  # what DDPO handed to image_samples_hook: one entry per batch
         # One prompt per group, enough for every iteration, drawn as DDPO drew them: from `prompt_function`.
-        drawn = [prompt_function() for _ in range(args.max_steps * args.prompts_per_step)]
+        drawn = [prompt_function() for _ in range(args.max_steps * args.prompts_per_rollout)]
         prompts, self._prompt_metadata = [prompt for prompt, _ in drawn], [metadata for _, metadata in drawn]
         dataset = Dataset.from_dict({"prompt": prompts, "ddpo_prompt_index": list(range(len(prompts)))})
         pipeline = getattr(sd_pipeline, "sd_pipeline", sd_pipeline)

@@ -16,16 +16,23 @@ class NFTConfig(TrainingArguments):
     Only the DiffusionNFT-specific parameters are listed here; see [`~transformers.TrainingArguments`] for the rest.
     Defaults follow the authors' released code for SD3.5-Medium where it differs from `TrainingArguments`.
 
-    **Batch sizes** follow `GRPOTrainer`: `per_device_train_batch_size` counts *images*. One optimizer step (a paper
-    "iteration") collects `per_device_train_batch_size x num_processes x gradient_accumulation_steps` images, i.e.
-    that number divided by `num_generations` prompts, each sampled `num_generations` times. The paper's iteration of
-    48 prompts x 24 images = 1152 images is, for example, `num_generations=24` with 8 GPUs,
+    **Batch sizes** follow `GRPOTrainer`: `per_device_train_batch_size` counts *images*. One rollout (a paper
+    "iteration") collects `per_device_train_batch_size x num_processes x steps_per_generation` images, i.e. that number
+    divided by `num_generations` prompts, each sampled `num_generations` times; by default `steps_per_generation` is
+    `gradient_accumulation_steps`, so that each rollout makes one optimizer step, as in the released code. The paper's
+    iteration of 48 prompts x 24 images = 1152 images is, for example, `num_generations=24` with 8 GPUs,
     `per_device_train_batch_size=8` and `gradient_accumulation_steps=18`.
 
     > Parameters that control the model and the rollouts
 
     num_generations (`int`, *optional*, defaults to `8`):
         Group size `K`: images sampled per prompt. Advantages are computed within each group. The paper uses 24.
+    steps_per_generation (`int` or `None`, *optional*, defaults to `None`):
+        Micro-batches (of `per_device_train_batch_size` images per process) one rollout is split into, as in
+        `GRPOConfig`. `None` is `gradient_accumulation_steps`: one optimizer step per rollout. `k` times
+        `gradient_accumulation_steps` makes `k` optimizer steps on each rollout (on shuffled slices of it), all against
+        the same old policy, which is soft-updated once per rollout; on a small model, where sampling is cheap next
+        to the many optimizer steps needed, this learns faster per second.
     num_inference_steps (`int`, *optional*, defaults to `10`):
         Sampler steps per rollout. The training times are the rollout's own time grid.
     guidance_scale (`float`, *optional*, defaults to `1.0`):
@@ -65,11 +72,14 @@ class NFTConfig(TrainingArguments):
     loss_type (`str`, *optional*, defaults to `"x0_adaptive"`):
         `"x0_adaptive"`: the released code's x0-space regression with adaptive weighting (stable); `"velocity"`: the
         paper's plain velocity loss.
+    negative_loss (`bool`, *optional*, defaults to `True`):
+        Keep the negative policy's term `(1 - r) L_neg` of the loss. `False` is the paper's ablation: the positive
+        term alone, with which the reward collapses. For studying the method, not for training.
     train_timestep_fraction (`float`, *optional*, defaults to `0.99`):
         Fraction of the rollout's time grid trained on, a fresh random subset per image (9 of 10 steps by default).
     old_policy_decay_schedule (`str`, *optional*, defaults to `"linear"`):
-        Decay `eta` of the old-policy update `theta_old <- eta theta_old + (1 - eta) theta` after each optimizer
-        step `i`: `"linear"` is `min(old_policy_decay_rate * (i - old_policy_decay_delay), old_policy_decay_max)`
+        Decay `eta` of the old-policy update `theta_old <- eta theta_old + (1 - eta) theta` after each rollout `i`
+        (each optimizer step by default, see `steps_per_generation`): `"linear"` is `min(old_policy_decay_rate * (i - old_policy_decay_delay), old_policy_decay_max)`
         (0 during the delay), `"constant"` is `old_policy_decay_max`, `"on_policy"` is 0.
     old_policy_decay_rate (`float`, *optional*, defaults to `0.001`):
         Slope of the linear schedule. The released OCR run uses `0.0075`.
@@ -148,6 +158,12 @@ class NFTConfig(TrainingArguments):
 
     # Model and rollouts
     num_generations: int = field(default=8, metadata={"help": "Images sampled per prompt (group size K)."})
+    steps_per_generation: int | None = field(
+        default=None,
+        metadata={
+            "help": "Micro-batches per rollout; None: gradient_accumulation_steps (one optimizer step per rollout)."
+        },
+    )
     num_inference_steps: int = field(default=10, metadata={"help": "Sampler steps per rollout."})
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale of the rollouts; 1.0 is CFG-free."})
     resolution: int | None = field(default=None, metadata={"help": "Image side in pixels; None: the model's own."})
@@ -176,6 +192,9 @@ class NFTConfig(TrainingArguments):
     beta: float = field(default=1.0, metadata={"help": "NFT strength beta of the implicit policies."})
     kl_coef: float = field(default=1e-4, metadata={"help": "Weight of the penalty toward the base model (0: off)."})
     loss_type: str = field(default="x0_adaptive", metadata={"help": "'x0_adaptive' (released code) or 'velocity'."})
+    negative_loss: bool = field(
+        default=True, metadata={"help": "Keep the negative term of the loss (False: the paper's ablation)."}
+    )
     train_timestep_fraction: float = field(
         default=0.99, metadata={"help": "Fraction of the rollout's time grid trained on per image."}
     )
@@ -270,13 +289,20 @@ class NFTConfig(TrainingArguments):
         if self.reward_weights is not None and any(w != w for w in self.reward_weights):
             raise ValueError("reward_weights contains NaN.")
 
-        images_per_step = self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
-        if images_per_step % self.num_generations != 0:
+        if self.steps_per_generation is None:
+            self.steps_per_generation = self.gradient_accumulation_steps
+        check(
+            self.steps_per_generation >= 1 and self.steps_per_generation % self.gradient_accumulation_steps == 0,
+            "steps_per_generation",
+            f"it must be a multiple of gradient_accumulation_steps={self.gradient_accumulation_steps} (whole optimizer "
+            "steps per rollout)",
+        )
+        if self.images_per_rollout % self.num_generations != 0:
             raise ValueError(
-                f"The images of one optimizer step (per_device_train_batch_size={self.per_device_train_batch_size} x "
-                f"{self.world_size} processes x gradient_accumulation_steps={self.gradient_accumulation_steps} = "
-                f"{images_per_step}) must divide into groups of num_generations={self.num_generations}. Change one "
-                "of these so that the product is a multiple of num_generations."
+                f"The images of one rollout (per_device_train_batch_size={self.per_device_train_batch_size} x "
+                f"{self.world_size} processes x steps_per_generation={self.steps_per_generation} = "
+                f"{self.images_per_rollout}) must divide into groups of num_generations={self.num_generations}. "
+                "Change one of these so that the product is a multiple of num_generations."
             )
 
     def to_dict(self) -> dict:
@@ -287,11 +313,15 @@ class NFTConfig(TrainingArguments):
         return config
 
     @property
-    def images_per_step(self) -> int:
-        """Images collected (and trained on) per optimizer step, over all processes."""
-        return self.per_device_train_batch_size * self.world_size * self.gradient_accumulation_steps
+    def images_per_rollout(self) -> int:
+        """Images collected per rollout, over all processes."""
+        return self.per_device_train_batch_size * self.world_size * self.steps_per_generation
 
     @property
-    def prompts_per_step(self) -> int:
-        """Prompts (groups) per optimizer step."""
-        return self.images_per_step // self.num_generations
+    def prompts_per_rollout(self) -> int:
+        """Prompts (groups) per rollout."""
+        return self.images_per_rollout // self.num_generations
+
+    @property
+    def optimizer_steps_per_rollout(self) -> int:
+        return self.steps_per_generation // self.gradient_accumulation_steps

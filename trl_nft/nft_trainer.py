@@ -49,14 +49,15 @@ TRAINED_ADAPTER, OLD_ADAPTER = "default", "old"
 
 
 class SoftUpdatesCallback(TrainerCallback):
-    """After each optimizer step `i`, soft-update the old (sampling) policy and the evaluation EMA toward the trained
-    weights."""
+    """After each optimizer step `i`, soft-update the evaluation EMA toward the trained weights; after the last
+    optimizer step of each rollout, the old (sampling) policy too."""
 
     def __init__(self, trainer: "DiffusionNFTTrainer"):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.update_old_policy(state.global_step)
+        if self.trainer.rollout_done():
+            self.trainer.update_old_policy(state.global_step // args.optimizer_steps_per_rollout)
         self.trainer.update_ema(state.global_step)
 
 
@@ -125,7 +126,7 @@ class DiffusionNFTTrainer(Trainer):
             model_name = model if isinstance(model, str) else type(model).__name__
             args = NFTConfig(output_dir=f"{model_name.split('/')[-1]}-NFT")
         # Everything cheap is checked before the model is loaded.
-        _check_prompt_dataset(train_dataset, "train_dataset", args.prompts_per_step)
+        _check_prompt_dataset(train_dataset, "train_dataset", args.prompts_per_rollout)
         if eval_dataset is not None:
             _check_prompt_dataset(eval_dataset, "eval_dataset", 1)
         self.reward_funcs, self.reward_func_names = _resolve_reward_funcs(reward_funcs)
@@ -278,34 +279,42 @@ class DiffusionNFTTrainer(Trainer):
             self._signature_columns = ["prompt"]
 
     def get_train_dataloader(self):
-        # As in GRPOTrainer: each process loads the prompts of a whole optimizer step at once (the rollout batch),
-        # and `_prepare_inputs` hands out its `gradient_accumulation_steps` slices.
+        # As in GRPOTrainer: each process loads the prompts of a whole rollout at once, and `_prepare_inputs` hands
+        # out its `steps_per_generation` slices.
         return self._get_dataloader(
             dataset=self.train_dataset,
             description="Training",
-            batch_size=self._train_batch_size * self.args.gradient_accumulation_steps,
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
             sampler_fn=self._get_train_sampler,
             is_training=True,
         )
 
     def _get_train_sampler(self, dataset: Dataset | None = None) -> RepeatSampler:
         # Each prompt `num_generations` times in a row, so that after gathering, consecutive images form the groups
-        # (a group may span processes); the block of one step repeats once per accumulation micro-step.
+        # (a group may span processes); the block of one rollout repeats once per micro-step.
         return RepeatSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=self.args.num_generations,
-            batch_size=self.args.prompts_per_step,
-            repeat_count=self.args.gradient_accumulation_steps,
+            batch_size=self.args.prompts_per_rollout,
+            repeat_count=self.args.steps_per_generation,
             shuffle=True,
             seed=self.args.seed,
         )
 
     def _prepare_inputs(self, generation_batch: list[dict]) -> dict:
-        accumulation = self.args.gradient_accumulation_steps
-        if self._step % accumulation == 0 or self._buffered_inputs is None:
+        parts = self.args.steps_per_generation
+        if self._step % parts == 0 or self._buffered_inputs is None:
             rollout = self._generate_and_score(generation_batch)
-            self._buffered_inputs = [_slice_batch(rollout, i, accumulation) for i in range(accumulation)]
-        return self._buffered_inputs[self._step % accumulation]
+            if parts > self.args.gradient_accumulation_steps:
+                # Several optimizer steps per rollout: each gets a random mix of the groups, as in GRPOTrainer.
+                order = torch.randperm(len(rollout["latents"]), generator=self._generator(2))
+                rollout = _take(rollout, order.to(rollout["latents"].device))
+            self._buffered_inputs = [_slice_batch(rollout, i, parts) for i in range(parts)]
+        return self._buffered_inputs[self._step % parts]
+
+    def rollout_done(self) -> bool:
+        """Whether the micro-steps taken so far end a rollout (the next one samples anew)."""
+        return self._step % self.args.steps_per_generation == 0
 
     # ------------------------------------------------------------------ rollout and rewards
 
@@ -495,7 +504,7 @@ class DiffusionNFTTrainer(Trainer):
         clean, time_grid = batch["latents"], batch["time_grid"]
         num_images, num_times = clean.shape[0], len(time_grid)
         num_train_times = max(1, int(num_times * self.args.train_timestep_fraction))
-        generator = self._generator(1, self._step % self.args.gradient_accumulation_steps)
+        generator = self._generator(1, self._step % self.args.steps_per_generation)
         times = torch.stack(
             [torch.randperm(num_times, generator=generator)[:num_train_times] for _ in range(num_images)]
         )
@@ -564,6 +573,7 @@ class DiffusionNFTTrainer(Trainer):
             advantage_clip=self.args.advantage_clip,
             reference_velocity=None if reference_velocity is None else reference_velocity.float(),
             kl_coef=self.args.kl_coef,
+            negative_loss=self.args.negative_loss,
         )
         self._loss_parts.append(torch.stack([loss.positive, loss.negative, loss.kl]))
         return loss.loss
@@ -826,13 +836,16 @@ def _resolve_reward_funcs(reward_funcs) -> tuple[list[Callable], list[str]]:
     return resolved, names
 
 
-def _slice_batch(batch: dict, index: int, parts: int) -> dict:
-    """The `index`-th of `parts` equal slices along the image axis (the time grid is shared)."""
+def _take(batch: dict, index: torch.Tensor | slice) -> dict:
+    """The images `index` of a rollout batch, along the image axis (the time grid is shared)."""
 
     def take(value):
-        if isinstance(value, dict):
-            return {key: take(v) for key, v in value.items()}
-        size = len(value) // parts
-        return value[index * size : (index + 1) * size]
+        return {key: take(v) for key, v in value.items()} if isinstance(value, dict) else value[index]
 
     return {key: (value if key == "time_grid" else take(value)) for key, value in batch.items()}
+
+
+def _slice_batch(batch: dict, index: int, parts: int) -> dict:
+    """The `index`-th of `parts` equal slices along the image axis."""
+    size = len(batch["latents"]) // parts
+    return _take(batch, slice(index * size, (index + 1) * size))

@@ -88,6 +88,7 @@ def nft_loss(
     advantage_clip: float = 5.0,
     reference_velocity: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    negative_loss: bool = True,
 ) -> NFTLoss:
     r"""The DiffusionNFT loss on one batch of forward-process samples `x_t` at times `sigmas`.
 
@@ -100,7 +101,9 @@ def nft_loss(
         `L_s = mean((x0_s - x_0)^2) / sg(max(mean(|x0_s - x_0|), 1e-5))`   (per sample, the weight in float64)
         `L = mean_b[ A_max (r L_pos + (1 - r) L_neg) / beta ]`
 
-    Either way a reference penalty is added when `kl_coef > 0`: `L += kl_coef * mean_b mean((v_theta - v_ref)^2)`.
+    `negative_loss=False` drops the `(1 - r)` term (the paper's ablation: only the positive policy is fitted, and the
+    reward collapses). Either way a reference penalty is added when `kl_coef > 0`:
+    `L += kl_coef * mean_b mean((v_theta - v_ref)^2)`.
     `old_velocity` and `reference_velocity` are treated as constants. Returns the loss and its detached parts
     (`positive` = `mean_b L_pos`, `negative` = `mean_b L_neg`, `kl`).
     """
@@ -110,17 +113,18 @@ def nft_loss(
     positive_velocity = (1 - beta) * old_velocity + beta * policy_velocity
     negative_velocity = (1 + beta) * old_velocity - beta * policy_velocity
     r = optimality.to(policy_velocity.dtype)
+    negative_weight = (1 - r) if negative_loss else torch.zeros_like(r)
 
     if loss_type == "velocity":
         target = noise - clean
         positive = _mean_per_sample((positive_velocity - target) ** 2)
         negative = _mean_per_sample((negative_velocity - target) ** 2)
-        policy_loss = (r * positive + (1 - r) * negative).mean()
+        policy_loss = (r * positive + negative_weight * negative).mean()
     else:
         t = _per_sample(sigmas, noisy)
         positive = _adaptive_x0_loss(noisy - t * positive_velocity, clean)
         negative = _adaptive_x0_loss(noisy - t * negative_velocity, clean)
-        policy_loss = (advantage_clip * (r * positive + (1 - r) * negative) / beta).mean()
+        policy_loss = (advantage_clip * (r * positive + negative_weight * negative) / beta).mean()
 
     kl = policy_loss.new_zeros(())
     if kl_coef > 0:

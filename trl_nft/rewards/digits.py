@@ -2,6 +2,8 @@
 
 - `digit_accuracy`: the probability of the prompted digit under the reward classifier (a small CNN); the training
   reward;
+- `digit_classifier_top1`: 1.0 where the reward classifier's most likely digit is the prompted one, else 0.0 (its mean
+  is the reward classifier's accuracy, the benchmark's headline number);
 - `digit_judge`: 1.0 where a *different*, held-out model (a logistic regression on the 8 x 8 image) reads the prompted
   digit, else 0.0; for `eval_reward_funcs`, never trained on, so that a rise it confirms is not the classifier being
   gamed.
@@ -44,6 +46,15 @@ class DigitAccuracy(_DigitReward):
     @staticmethod
     def value(probabilities: torch.Tensor, digit: int) -> float:
         return probabilities[digit].item()
+
+
+@register_reward("digit_classifier_top1")
+class DigitClassifierTop1(DigitAccuracy):
+    """1.0 where the reward classifier's most likely digit is the prompted one, else 0.0."""
+
+    @staticmethod
+    def value(probabilities: torch.Tensor, digit: int) -> float:
+        return float(probabilities.argmax().item() == digit)
 
 
 @register_reward("digit_judge")

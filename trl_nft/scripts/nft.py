@@ -57,6 +57,7 @@ DEFAULT_PROMPTS = {
     "jpeg_compressibility": "simple",
     "jpeg_incompressibility": "simple",
     "digit_accuracy": "digits",
+    "digit_classifier_top1": "digits",
     "digit_judge": "digits",
 }
 DEFAULT_PROMPT_SET = "pickapic"  # preference rewards (PickScore, HPSv2, aesthetic, ImageReward, CLIP, VLM judges)
@@ -212,7 +213,8 @@ def main(script_args: NFTScriptArguments, training_args: NFTConfig) -> Diffusion
         if "geneval" in names and "metadata" in eval_dataset.column_names:
             eval_rewards = get_reward("geneval", strict=True)
         elif "digit_accuracy" in names and "digit" in eval_dataset.column_names:
-            eval_rewards = get_reward("digit_judge")  # the held-out judge of the digits benchmark
+            # The reward classifier's accuracy and the held-out judge of the digits benchmark.
+            eval_rewards = [get_reward("digit_classifier_top1"), get_reward("digit_judge")]
     elif training_args.eval_strategy != "no":
         raise ValueError(f"--eval_strategy {training_args.eval_strategy} needs --eval_dataset (a prompt set).")
     trainer = DiffusionNFTTrainer(

@@ -1,0 +1,136 @@
+"""One DiffusionNFT run on `digits-sd3`: accuracy of the reward classifier and of the held-out judge against
+optimizer steps and training wall-clock (evaluation time excluded), written as JSON.
+
+    python benchmarks/digits/run.py --name default --max_steps 60 --eval_every 10
+    python benchmarks/digits/run.py --name control --shuffle_rewards      # rewards permuted within each rollout
+    python benchmarks/digits/run.py --name beta0.1 --set beta=0.1         # any NFTConfig field
+
+Evaluation: the `digits` test split (each digit 10 times, one image per prompt, fixed noise), CFG-free, the
+trainer's `evaluate()` (EMA weights when `ema_decay > 0`).
+"""
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+
+import torch
+import yaml
+from transformers import TrainerCallback
+
+from trl_nft import DiffusionNFTTrainer, NFTConfig
+from trl_nft.models.digits import digit_prompts
+from trl_nft.rewards import get_reward
+
+
+# The settings every run starts from, those of the CLI preset (`--set` overrides any of them); the preset's script
+# arguments (model, reward, prompts) and output settings are this script's own.
+PRESET = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs", "digits_sd3.yaml")
+SCRIPT_KEYS = {"model_name_or_path", "reward", "dataset", "eval_dataset", "output_dir", "max_steps", "eval_steps"}
+SCRIPT_KEYS |= {"eval_strategy", "logging_steps", "save_steps", "sample_logging_steps", "report_to"}
+
+
+def preset_settings() -> dict:
+    with open(PRESET) as file:
+        return {key: value for key, value in yaml.safe_load(file).items() if key not in SCRIPT_KEYS}
+
+
+class RecordEvaluations(TrainerCallback):
+    """Keeps every evaluation's accuracies with the training time spent before it (evaluations excluded), and
+    rewrites the result file after each, so that an interrupted run keeps its points."""
+
+    def __init__(self, path: str, result: dict):
+        self.path, self.result = path, result
+        self.points, self.evaluation_seconds, self.start, self.last_step_end = [], 0.0, 0.0, 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.last_step_end = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.last_step_end = time.perf_counter()
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        # The trainer evaluates right after a step ends (or before training, for the base point).
+        now = time.perf_counter()
+        point = {
+            "step": state.global_step,
+            "train_seconds": round(self.last_step_end - self.start - self.evaluation_seconds, 1),
+            "reward": round(metrics["eval_reward"], 4),
+            "classifier_accuracy": round(metrics["eval_rewards/digit_classifier_top1/mean"], 4),
+            "judge_accuracy": round(metrics["eval_rewards/digit_judge/mean"], 4),
+        }
+        self.evaluation_seconds += now - self.last_step_end
+        self.points.append(point)
+        print("EVAL", json.dumps(point), flush=True)
+        with open(self.path, "w") as file:
+            json.dump({**self.result, "points": self.points}, file, indent=1)
+
+
+def parse_value(text: str):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--max_steps", type=int, default=560)
+    parser.add_argument("--eval_every", type=int, default=80)
+    parser.add_argument("--shuffle_rewards", action="store_true", help="control: permute rewards within each rollout")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="NFTConfig overrides")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results_dir", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args()
+
+    overrides = dict(item.split("=", 1) for item in args.set)
+    settings = {**preset_settings(), **{key: parse_value(value) for key, value in overrides.items()}}
+    torch.manual_seed(args.seed)
+    reward, rng = get_reward("digit_accuracy"), random.Random(args.seed)
+
+    def digit_accuracy(images, prompts, **columns):
+        values = reward(images, prompts, **columns)
+        if args.shuffle_rewards:  # same reward distribution, no link to the images
+            rng.shuffle(values)
+        return values
+
+    config = NFTConfig(
+        output_dir=os.path.join(tempfile.gettempdir(), "digits-benchmark", args.name),
+        max_steps=args.max_steps,
+        seed=args.seed,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=5,
+        eval_strategy="steps",
+        eval_steps=args.eval_every,
+        **settings,
+    )
+    os.makedirs(args.results_dir, exist_ok=True)
+    result = {
+        "name": args.name,
+        "settings": settings,
+        "shuffle_rewards": args.shuffle_rewards,
+        "seed": args.seed,
+        "torch_threads": torch.get_num_threads(),
+    }
+    evaluation = RecordEvaluations(os.path.join(args.results_dir, f"{args.name}.json"), result)
+    trainer = DiffusionNFTTrainer(
+        "digits-sd3",
+        digit_accuracy,
+        args=config,
+        train_dataset=digit_prompts(),
+        eval_dataset=digit_prompts(repeats=10),
+        eval_reward_funcs=["digit_classifier_top1", "digit_judge"],
+        callbacks=[evaluation],
+    )
+    evaluation.on_train_begin(config, trainer.state, trainer.control)
+    trainer.evaluate()  # the base model
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main()
