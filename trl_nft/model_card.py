@@ -24,6 +24,7 @@ KEY_SETTINGS = [
     "num_generations",
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
+    "steps_per_generation",
     "num_inference_steps",
     "guidance_scale",
     "sampler",
