@@ -149,3 +149,17 @@ def _main(tmp_path, *argv):
 def test_bad_input_gets_a_clear_error(tmp_path, argv, message):
     with pytest.raises(ValueError, match=message):
         _main(tmp_path, *argv)
+
+
+def test_digits_eval_dataset_logs_the_classifier_accuracy_and_the_held_out_judge(tmp_path):
+    # `--eval_dataset digits` with the digit_accuracy reward: the benchmark's two held-out metrics at every evaluation.
+    trainer = _main(
+        tmp_path,
+        *("--model", "digits-sd3", "--reward", "digit_accuracy", "--eval_dataset", "digits"),
+        *("--max_steps", "1", "--per_device_train_batch_size", "16", "--num_generations", "8"),
+        *("--num_inference_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "no"),
+    )
+    assert trainer.eval_reward_func_names == ["digit_classifier_top1", "digit_judge"]
+    evaluation = next(entry for entry in trainer.state.log_history if "eval_reward" in entry)
+    for name in ("digit_accuracy", "digit_classifier_top1", "digit_judge"):
+        assert 0.0 <= evaluation[f"eval_rewards/{name}/mean"] <= 1.0
