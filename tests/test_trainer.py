@@ -95,6 +95,24 @@ def test_several_optimizer_steps_per_rollout_share_one_old_policy(make_config, p
         torch.testing.assert_close(old, 0.5 * previous + 0.5 * trained)
 
 
+def test_negative_loss_switch_reaches_the_loss(make_config, prompts_dataset):
+    def first_log(**overrides):
+        trainer = DiffusionNFTTrainer(
+            "tiny-sd3",
+            "jpeg_incompressibility",
+            args=make_config(max_steps=1, **overrides),
+            train_dataset=prompts_dataset,
+        )
+        trainer.train()
+        return next(entry for entry in trainer.state.log_history if "loss" in entry)
+
+    full, ablated = first_log(), first_log(negative_loss=False)
+    # Same rollout and same loss parts; only the weighting of the negative part differs.
+    assert ablated["loss/positive"] == pytest.approx(full["loss/positive"])
+    assert ablated["loss/negative"] == pytest.approx(full["loss/negative"])
+    assert ablated["loss"] < full["loss"]
+
+
 def test_extra_columns_reach_the_reward_functions_aligned_with_prompts(make_config):
     dataset = Dataset.from_dict({"prompt": [f"prompt {i}" for i in range(8)], "target": list(range(8))})
     seen = []

@@ -25,6 +25,10 @@ def _digits(prompts: list[str], digit: list | None) -> list[int | None]:
     )
 
 
+def _top_guess_is(probabilities: torch.Tensor, digit: int) -> float:
+    return float(probabilities.argmax().item() == digit)
+
+
 class _DigitReward(RewardModel):
     default_checkpoint = DIGITS_SD3_PATH
 
@@ -52,9 +56,7 @@ class DigitAccuracy(_DigitReward):
 class DigitClassifierTop1(DigitAccuracy):
     """1.0 where the reward classifier's most likely digit is the prompted one, else 0.0."""
 
-    @staticmethod
-    def value(probabilities: torch.Tensor, digit: int) -> float:
-        return float(probabilities.argmax().item() == digit)
+    value = staticmethod(_top_guess_is)
 
 
 @register_reward("digit_judge")
@@ -65,6 +67,4 @@ class DigitJudgeAccuracy(_DigitReward):
         path = resolve_checkpoint(self.checkpoint, "digit_judge")
         return load_judge(path).to(self.device, self.dtype)
 
-    @staticmethod
-    def value(probabilities: torch.Tensor, digit: int) -> float:
-        return float(probabilities.argmax().item() == digit)
+    value = staticmethod(_top_guess_is)
