@@ -50,3 +50,18 @@ def test_digits_sd3_loads_and_generates_16px_images():
     assert [image.size for image in images] == [(16, 16), (16, 16)]
     dataset = digit_prompts(2)
     assert dataset["digit"] == list(range(10)) * 2 and dataset["prompt"][7] == "a handwritten digit seven"
+
+
+def test_digits_sd3_prompts_use_its_short_context_and_fit_in_it():
+    from trl_nft.models import get_adapter
+    from trl_nft.models.digits import CONTEXT_TOKENS
+
+    pipeline = load_pipeline("digits-sd3")
+    adapter = get_adapter(pipeline, max_sequence_length=128)  # NFTConfig's default, capped by the T5 tokenizer
+    assert adapter.max_sequence_length == CONTEXT_TOKENS
+    embeds = adapter.encode_prompts([digit_prompt(7)], negative=False)["prompt_embeds"]
+    assert embeds.shape[1] == 2 * CONTEXT_TOKENS  # CLIP tokens, then T5 tokens
+    for tokenizer in (pipeline.tokenizer, pipeline.tokenizer_2, pipeline.tokenizer_3):
+        assert len(tokenizer(digit_prompt(7)).input_ids) <= CONTEXT_TOKENS  # never truncated
+    # A model whose T5 tokenizer declares no short maximum keeps the configured length.
+    assert get_adapter(load_pipeline("tiny-sd3"), max_sequence_length=128).max_sequence_length == 128

@@ -117,6 +117,7 @@ def test_digits_sd3_prompt_following_rises_over_a_shuffled_reward_control(make_c
     preset = yaml.safe_load(DIGITS_PRESET.read_text())
     fields = {field.name for field in dataclasses.fields(NFTConfig)}
     excluded = {"output_dir", "max_steps", "eval_strategy", "eval_steps", "save_steps", "report_to"}
+    excluded.add("reward_hacking_metric")  # the judge: this test evaluates the training reward only
     settings = {key: value for key, value in preset.items() if key in fields and key not in excluded}
 
     def gain(shuffle: bool) -> float:
@@ -132,7 +133,7 @@ def test_digits_sd3_prompt_following_rises_over_a_shuffled_reward_control(make_c
         )
 
     real, control = gain(shuffle=False), gain(shuffle=True)
-    # Measured (docs/benchmarks.md, step 160): gain 0.071, control -0.041; the control keeps falling after that (a
-    # random walk away from the base), the real runs of every ablation stay at or above the base.
-    assert real > 0.03, f"the prompted digit's probability rose by only {real:.3f}"
-    assert real - control > 0.06, f"gain {real:.3f} is not clearly above the shuffled control's {control:.3f}"
+    # Measured (docs/benchmarks.md, step 160): gain 0.145, control -0.049 (the control drifts down: a random walk away
+    # from the base).
+    assert real > 0.07, f"the prompted digit's probability rose by only {real:.3f}"
+    assert real - control > 0.1, f"gain {real:.3f} is not clearly above the shuffled control's {control:.3f}"

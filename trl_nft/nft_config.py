@@ -45,7 +45,7 @@ class NFTConfig(TrainingArguments):
     sampler_kwargs (`dict` or `None`, *optional*, defaults to `None`):
         Overrides of the sampler's config, e.g. `{"solver_order": 1}` for a 1st-order solver.
     max_sequence_length (`int`, *optional*, defaults to `128`):
-        Maximum T5 prompt length in tokens (SD3).
+        Maximum T5 prompt length in tokens (SD3), capped at the `model_max_length` of the model's T5 tokenizer.
 
     > Parameters that control the rewards
 
@@ -174,7 +174,10 @@ class NFTConfig(TrainingArguments):
     sampler_kwargs: dict | str | None = field(
         default=None, metadata={"help": "Overrides of the sampler config, e.g. '{\"solver_order\": 1}'."}
     )
-    max_sequence_length: int = field(default=128, metadata={"help": "Maximum T5 prompt length in tokens."})
+    max_sequence_length: int = field(
+        default=128,
+        metadata={"help": "Maximum T5 prompt length in tokens (SD3), capped at the T5 tokenizer's model_max_length."},
+    )
 
     # Rewards
     reward_weights: list[float] | None = field(

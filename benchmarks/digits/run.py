@@ -78,7 +78,8 @@ def parse_value(text: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--name", required=True)
-    parser.add_argument("--max_steps", type=int, default=560)
+    parser.add_argument("--model", default="digits-sd3", help="a digits model: an embedded name or a folder")
+    parser.add_argument("--max_steps", type=int, default=800)
     parser.add_argument("--eval_every", type=int, default=80)
     parser.add_argument("--shuffle_rewards", action="store_true", help="control: permute rewards within each rollout")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="NFTConfig overrides")
@@ -112,6 +113,7 @@ def main() -> None:
     os.makedirs(args.results_dir, exist_ok=True)
     result = {
         "name": args.name,
+        "model": args.model,
         "settings": settings,
         "shuffle_rewards": args.shuffle_rewards,
         "seed": args.seed,
@@ -119,7 +121,7 @@ def main() -> None:
     }
     evaluation = RecordEvaluations(os.path.join(args.results_dir, f"{args.name}.json"), result)
     trainer = DiffusionNFTTrainer(
-        "digits-sd3",
+        args.model,
         digit_accuracy,
         args=config,
         train_dataset=digit_prompts(),

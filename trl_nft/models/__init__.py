@@ -8,6 +8,7 @@ from diffusers import DiffusionPipeline
 
 from .base import DiffusionAdapter, Rollout
 from .digits import load_digits_sd3
+from .digits_sd import load_digits_sd
 from .sd import StableDiffusionAdapter
 from .sd3 import SD3Adapter
 from .sdxl import StableDiffusionXLAdapter
@@ -24,6 +25,7 @@ EMBEDDED_MODELS = {
     "tiny-sdxl": build_tiny_sdxl,
     # A pretrained 16 px SD3 on scikit-learn's handwritten digits, shipped in the package (`models/digits.py`).
     "digits-sd3": load_digits_sd3,
+    "digits-sd": load_digits_sd,  # its SD1.x counterpart, for the DDPO comparison (`models/digits_sd.py`)
 }
 
 

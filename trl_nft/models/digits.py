@@ -36,6 +36,10 @@ PROMPT_TEMPLATE = "a handwritten digit {}"
 CLASSIFIER_FILE = "reward_classifier.safetensors"
 JUDGE_FILE = "judge.safetensors"
 MAX_BASE_ACCURACY = 0.45  # the pinned base's CFG-free accuracy must not exceed this
+# Prompt length in tokens, for both CLIP encoders and T5 (the tokenizers' `model_max_length`). The tiny character-level
+# tokenizers need 24 for "a handwritten digit seven"; every context token is attended to by every block, so padding to
+# SD3's 77 + 128 would make the transformer three times slower.
+CONTEXT_TOKENS = 32
 
 
 # ---------------------------------------------------------------------------------------------- prompts and data
@@ -249,57 +253,93 @@ def sample_digits(pipeline, transformer, embeds, digits, generator, steps: int =
     return (images / 2 + 0.5).clamp(0, 1)
 
 
-def base_accuracy(pipeline, transformer, embeds, classifier, guidance_scale=1.0, per_digit=10, seed=1234) -> float:
-    """Accuracy of the reward classifier on `per_digit` images of each digit, fixed noise."""
+def classifier_accuracy(sample, denoiser, classifier, guidance_scale=1.0, per_digit=30, seed=1234) -> float:
+    """Accuracy of the reward classifier on `per_digit` images of each digit drawn from fixed noise by
+    `sample(denoiser, digits, generator, guidance_scale)` (a builder's own sampler)."""
     generator = torch.Generator().manual_seed(seed)
     digits = torch.arange(10).repeat_interleave(per_digit)
-    transformer.eval()
-    images = sample_digits(pipeline, transformer, embeds, digits, generator, guidance_scale=guidance_scale)
-    transformer.train()
+    denoiser.eval()
+    images = sample(denoiser, digits, generator, guidance_scale)
+    denoiser.train()
     with torch.no_grad():
         return (classifier(to_grayscale(images)).argmax(1) == digits).float().mean().item()
 
 
-def pretrain_transformer(pipeline, images, labels, classifier, generator, log, eval_every=60, max_steps=3000):
-    """Rectified flow on the VAE latents of the training images, conditioned on their prompts (10% empty, for CFG).
-    Every `eval_every` steps the CFG-free accuracy is measured; training stops at the first evaluation at or above
-    0.30 and returns that snapshot, or the previous one if it overshot `MAX_BASE_ACCURACY`."""
+def base_accuracy(pipeline, transformer, embeds, classifier, guidance_scale=1.0) -> float:
+    """`classifier_accuracy` of `transformer` with `sample_digits` (300 images)."""
+
+    def sample(model, digits, generator, scale):
+        return sample_digits(pipeline, model, embeds, digits, generator, guidance_scale=scale)
+
+    return classifier_accuracy(sample, transformer, classifier, guidance_scale)
+
+
+def pretrain_weak_base(denoiser, denoising_loss, latents, labels, accuracy, generator, log, eval_every, max_steps):
+    """Pretrain `denoiser` on the training latents conditioned on their digits (10% on the empty prompt, index 10,
+    for CFG), `denoising_loss(denoiser, x0, condition)` per batch of 32, and pin it while it follows its prompt poorly:
+    every `eval_every` steps `accuracy(denoiser)` (CFG-free) is measured, and training stops at the first evaluation
+    at or above 0.30, returning that snapshot, or the previous one if it overshot `MAX_BASE_ACCURACY`. Returns the
+    denoiser and the `(step, accuracy)` history."""
+    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=1e-3, weight_decay=0.0)
+    batches = _batches(len(labels), 32, generator)
+    previous, history = None, []
+    for step in range(1, max_steps + 1):
+        index = next(batches)
+        condition = torch.where(torch.rand(len(index), generator=generator) < 0.1, 10, labels[index])
+        loss = denoising_loss(denoiser, latents[index], condition)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % eval_every == 0:
+            value = accuracy(denoiser)
+            history.append((step, round(value, 3)))
+            log(f"{type(denoiser).__name__} step {step}: loss {loss.item():.4f}, CFG-free accuracy {value:.3f}")
+            if value >= 0.30:
+                if value > MAX_BASE_ACCURACY and previous is not None:
+                    denoiser.load_state_dict(previous)
+                    history.append((step - eval_every, history[-2][1]))
+                break
+            previous = {key: value.clone() for key, value in denoiser.state_dict().items()}
+    return denoiser.eval(), history
+
+
+def pretrain_transformer(pipeline, images, labels, classifier, generator, log, eval_every=40, max_steps=3000):
+    """Rectified flow (SD3's logit-normal times) on the VAE latents of the training images, pinned early by
+    `pretrain_weak_base`."""
     prompts = [digit_prompt(d) for d in range(10)] + [""]
     with torch.no_grad():
         prompt_embeds, _, pooled, _ = pipeline.encode_prompt(
-            prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=128
+            prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=CONTEXT_TOKENS
         )
         vae = pipeline.vae
         latents = vae.encode(images.expand(-1, 3, -1, -1) * 2 - 1).latent_dist.mean
         latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
     embeds = (prompt_embeds, pooled)
-    transformer = build_transformer().train()
-    optimizer = torch.optim.AdamW(transformer.parameters(), lr=1e-3, weight_decay=0.0)
-    batches = _batches(len(labels), 32, generator)
-    previous, history = None, []
-    for step in range(1, max_steps + 1):
-        index = next(batches)
-        x0 = latents[index]
-        condition = torch.where(torch.rand(len(index), generator=generator) < 0.1, 10, labels[index])
+
+    def flow_matching_loss(transformer, x0, condition):
         noise = torch.randn(x0.shape, generator=generator)
-        t = torch.sigmoid(torch.randn(len(index), generator=generator))  # SD3's logit-normal times
-        xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * noise
-        velocity = transformer(xt, prompt_embeds[condition], pooled[condition], t * 1000, return_dict=False)[0]
-        loss = F.mse_loss(velocity, noise - x0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % eval_every == 0:
-            accuracy = base_accuracy(pipeline, transformer, embeds, classifier)
-            history.append((step, accuracy))
-            log(f"transformer step {step}: loss {loss.item():.4f}, CFG-free accuracy {accuracy:.3f}")
-            if accuracy >= 0.30:
-                if accuracy > MAX_BASE_ACCURACY and previous is not None:
-                    transformer.load_state_dict(previous)
-                    history.append((step - eval_every, history[-2][1]))
-                break
-            previous = {key: value.clone() for key, value in transformer.state_dict().items()}
-    return transformer.eval(), embeds, history
+        t = torch.sigmoid(torch.randn(len(x0), generator=generator)).view(-1, 1, 1, 1)
+        xt = (1 - t) * x0 + t * noise
+        velocity = transformer(xt, prompt_embeds[condition], pooled[condition], t.flatten() * 1000, return_dict=False)[
+            0
+        ]
+        return F.mse_loss(velocity, noise - x0)
+
+    def accuracy(transformer):
+        return base_accuracy(pipeline, transformer, embeds, classifier)
+
+    transformer, history = pretrain_weak_base(
+        build_transformer().train(),
+        flow_matching_loss,
+        latents,
+        labels,
+        accuracy,
+        generator,
+        log,
+        eval_every,
+        max_steps,
+    )
+    return transformer, embeds, history
 
 
 def build_digits_sd3(output_dir: str = DIGITS_SD3_PATH, seed: int = 0, vae_steps: int = 1500, log=None) -> dict:
@@ -339,6 +379,8 @@ def build_digits_sd3(output_dir: str = DIGITS_SD3_PATH, seed: int = 0, vae_steps
     )
 
     tiny = build_tiny_sd3(seed)  # its tokenizers and frozen text encoders
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tiny.components[name].model_max_length = CONTEXT_TOKENS
     pipeline = StableDiffusion3Pipeline(
         transformer=build_transformer(),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
@@ -351,10 +393,13 @@ def build_digits_sd3(output_dir: str = DIGITS_SD3_PATH, seed: int = 0, vae_steps
     pipeline.transformer = transformer
     info["pretraining_history"] = history
     info["base_accuracy_cfg_free"] = base_accuracy(pipeline, transformer, embeds, classifier)
-    info["base_accuracy_cfg_2"] = base_accuracy(pipeline, transformer, embeds, classifier, guidance_scale=2.0)
+    for scale in (2, 3):
+        info[f"base_accuracy_cfg_{scale}"] = base_accuracy(pipeline, transformer, embeds, classifier, scale)
     info["build_seconds"] = round(time.time() - start)
     info["torch"] = torch.__version__
-    log(f"base accuracy: CFG-free {info['base_accuracy_cfg_free']:.3f}, CFG 2 {info['base_accuracy_cfg_2']:.3f}")
+    log(
+        f"base accuracy: CFG-free {info['base_accuracy_cfg_free']:.3f}, CFG 2 {info['base_accuracy_cfg_2']:.3f}, CFG 3 {info['base_accuracy_cfg_3']:.3f}"
+    )
 
     os.makedirs(output_dir, exist_ok=True)
     pipeline.save_pretrained(output_dir)
@@ -363,7 +408,7 @@ def build_digits_sd3(output_dir: str = DIGITS_SD3_PATH, seed: int = 0, vae_steps
         {"weight": judge.weight.contiguous(), "bias": judge.bias.contiguous()}, os.path.join(output_dir, JUDGE_FILE)
     )
     with open(os.path.join(output_dir, "build_info.json"), "w") as file:
-        json.dump(info, file, indent=2)
+        json.dump({key: round(v, 3) if isinstance(v, float) else v for key, v in info.items()}, file, indent=2)
     return info
 
 

@@ -24,7 +24,12 @@ class SD3Adapter(DiffusionAdapter):
 
     def __init__(self, pipeline: StableDiffusion3Pipeline, max_sequence_length: int = 128):
         super().__init__(pipeline)
-        self.max_sequence_length = max_sequence_length
+        # Never pad prompts past the length the model's T5 tokenizer declares: a small model (`digits-sd3`) saves a
+        # short one, because every padding token is attended to by every block.
+        t5_tokenizer = pipeline.tokenizer_3
+        self.max_sequence_length = min(
+            max_sequence_length, getattr(t5_tokenizer, "model_max_length", max_sequence_length)
+        )
 
     def default_resolution(self) -> int:
         return self.pipeline.default_sample_size * self.pipeline.vae_scale_factor
