@@ -407,9 +407,14 @@ def build_digits_sd3(output_dir: str = DIGITS_SD3_PATH, seed: int = 0, vae_steps
     save_file(
         {"weight": judge.weight.contiguous(), "bias": judge.bias.contiguous()}, os.path.join(output_dir, JUDGE_FILE)
     )
+    write_build_info(output_dir, info)
+    return info
+
+
+def write_build_info(output_dir: str, info: dict) -> None:
+    """A builder's record (`build_info.json`: measured accuracies, pretraining history, versions), floats to 3 places."""
     with open(os.path.join(output_dir, "build_info.json"), "w") as file:
         json.dump({key: round(v, 3) if isinstance(v, float) else v for key, v in info.items()}, file, indent=2)
-    return info
 
 
 def main(argv: list[str] | None = None) -> None:

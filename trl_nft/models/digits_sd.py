@@ -39,6 +39,7 @@ from .digits import (
     load_classifier,
     load_digit_images,
     pretrain_weak_base,
+    write_build_info,
 )
 from .tiny import _SD_BETAS, _as_loaded, _clip_text_config, _clip_tokenizer
 
@@ -186,8 +187,8 @@ def build_digits_sd(output_dir: str = DIGITS_SD_PATH, seed: int = 0, log=None) -
     info["unet_parameters"] = sum(p.numel() for p in pipeline.unet.parameters())
     unet, embeds, history = pretrain_unet(pipeline, train_images, train_labels, classifier, generator, log)
     info["pretraining_history"] = history
-    info["base_accuracy_cfg_free"] = round(base_accuracy(pipeline, unet, embeds, classifier), 4)
-    info["base_accuracy_cfg_5"] = round(base_accuracy(pipeline, unet, embeds, classifier, guidance_scale=5.0), 4)
+    info["base_accuracy_cfg_free"] = base_accuracy(pipeline, unet, embeds, classifier)
+    info["base_accuracy_cfg_5"] = base_accuracy(pipeline, unet, embeds, classifier, guidance_scale=5.0)
     info["base_accuracy_images"] = 200
     info["build_seconds"] = round(time.time() - start)
     info["torch"] = torch.__version__
@@ -196,8 +197,7 @@ def build_digits_sd(output_dir: str = DIGITS_SD_PATH, seed: int = 0, log=None) -
     os.makedirs(output_dir, exist_ok=True)
     _as_loaded(pipeline).save_pretrained(output_dir)
     make_portable(output_dir)
-    with open(os.path.join(output_dir, "build_info.json"), "w") as file:
-        json.dump(info, file, indent=2)
+    write_build_info(output_dir, info)
     return info
 
 

@@ -48,14 +48,15 @@ class Evaluator:
         self.labels = torch.arange(10).repeat(EVAL_PER_DIGIT)
         self.prompts = [digits.digit_prompt(int(d)) for d in self.labels]
         self.latents = torch.randn(len(self.labels), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
+        from diffusers import DDIMScheduler
+
+        self.scheduler = DDIMScheduler.from_pretrained(DIGITS_SD_PATH, subfolder="scheduler")
 
     @torch.no_grad()
     def __call__(self, pipeline) -> dict[str, float]:
-        from diffusers import DDIMScheduler
-
         scheduler = pipeline.scheduler
         unet_was_training = pipeline.unet.training
-        pipeline.scheduler = DDIMScheduler.from_pretrained(DIGITS_SD_PATH, subfolder="scheduler")
+        pipeline.scheduler = self.scheduler
         pipeline.unet.eval()
         result = {}
         try:

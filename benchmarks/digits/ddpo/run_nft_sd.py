@@ -53,10 +53,11 @@ NFT_SETTINGS = {
 
 class EvaluateEvery(TrainerCallback):
     """Every `eval_every` optimizer steps (and before training), `common.Evaluator` on the trainer's pipeline; the
-    time spent evaluating is excluded from `train_seconds`. Stops training after `max_seconds` of it."""
+    time spent evaluating is excluded from `train_seconds`. Stops training after `max_seconds` of it. `trainer` is set
+    once the trainer exists (it takes its callbacks at construction)."""
 
-    def __init__(self, trainer_ref, evaluator, eval_every, max_seconds, path, result):
-        self.trainer_ref, self.evaluator, self.path, self.result = trainer_ref, evaluator, path, result
+    def __init__(self, evaluator, eval_every, max_seconds, path, result):
+        self.trainer, self.evaluator, self.path, self.result = None, evaluator, path, result
         self.eval_every, self.max_seconds = eval_every, max_seconds
         self.start, self.evaluation_seconds = None, 0.0
 
@@ -65,7 +66,7 @@ class EvaluateEvery(TrainerCallback):
 
     def evaluate(self, step: int, now: float) -> None:
         point = {"step": step, "train_seconds": round(self.train_seconds(now), 1)}
-        point.update(self.evaluator(self.trainer_ref[0].pipeline))
+        point.update(self.evaluator(self.trainer.pipeline))
         self.result["points"].append(point)
         print("EVAL", json.dumps(point), flush=True)
         with open(self.path, "w") as file:
@@ -121,9 +122,7 @@ def main() -> None:
         "eval": "100 images (each digit 10x), fixed noise, DDIM 10 steps eta 0; CFG 1 and CFG 5",
         "points": [],
     }
-    trainer_ref = []
     callback = EvaluateEvery(
-        trainer_ref,
         Evaluator(),
         args.eval_every,
         args.max_seconds,
@@ -133,7 +132,7 @@ def main() -> None:
     trainer = DiffusionNFTTrainer(
         "digits-sd", "digit_accuracy", args=config, train_dataset=digit_prompts(), callbacks=[callback]
     )
-    trainer_ref.append(trainer)
+    callback.trainer = trainer
     trainer.train()
 
 
