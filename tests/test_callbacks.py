@@ -44,7 +44,8 @@ def test_sample_grid_layout():
 
 
 def _guard_run(history, patience=2, stop=True):
-    """Feed (training reward, held-out value) pairs, one evaluation each; return the step at which training stops."""
+    """Feed (training reward, held-out value) pairs, one evaluation each; return the step at which training stops,
+    else the steps at which the guard warned (None if it never did)."""
     guard = RewardHackingGuardCallback("eval_rewards/judge/mean", patience=patience, stop=stop)
     for step, (train_reward, held_out) in enumerate(history, start=1):
         control, state = TrainerControl(), TrainerState(global_step=step)
@@ -52,7 +53,7 @@ def _guard_run(history, patience=2, stop=True):
         guard.on_evaluate(None, state, control, metrics={"eval_rewards/judge/mean": held_out})
         if control.should_training_stop:
             return step
-    return None
+    return guard.triggered_steps or None
 
 
 def test_reward_hacking_guard_rule():
@@ -62,8 +63,8 @@ def test_reward_hacking_guard_rule():
     # Both falling is not hacking; a new held-out best resets the count.
     assert _guard_run([(1.0, 0.5), (0.9, 0.4), (0.8, 0.3)]) is None
     assert _guard_run([(1.0, 0.5), (1.2, 0.4), (1.3, 0.6), (1.4, 0.5)]) is None
-    # "warn" never stops.
-    assert _guard_run([(1.0, 0.5), (1.2, 0.4), (1.5, 0.3)], stop=False) is None
+    # "warn" never stops; it warns at each evaluation while the strikes continue.
+    assert _guard_run([(1.0, 0.5), (1.2, 0.4), (1.5, 0.3), (1.6, 0.2)], stop=False) == [3, 4]
 
 
 def test_reward_hacking_guard_stops_a_run_whose_held_out_reward_falls(make_config, prompts_dataset, caplog):

@@ -12,8 +12,14 @@ from safetensors.torch import load_file
 
 import trl_nft_trl_plugin
 from trl_nft import NFTConfig
-from trl_nft.models import resolve_model_name
-from trl_nft.scripts.nft import NFTScriptArguments, make_parser, merge_repeated_flags, parse_rewards
+from trl_nft.models import MODEL_PRESETS, model_preset, resolve_model_name
+from trl_nft.scripts.nft import (
+    NFTScriptArguments,
+    make_parser,
+    merge_repeated_flags,
+    parse_rewards,
+    with_model_preset,
+)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,7 +106,8 @@ def test_the_hook_degrades_to_a_clear_message_when_trl_changes(monkeypatch):
 
 
 def test_presets_parse_with_the_released_settings():
-    for path in sorted((ROOT / "examples" / "configs").glob("*.yaml")):
+    packaged = [Path(model_preset(name)) for name in MODEL_PRESETS]
+    for path in sorted((ROOT / "examples" / "configs").glob("*.yaml")) + packaged:
         script_args, config, *_, remaining = make_parser().parse_args_and_config(
             ["--config", str(path)], return_remaining_strings=True
         )
@@ -113,6 +120,23 @@ def test_presets_parse_with_the_released_settings():
             assert config.beta == (0.1 if "ocr" in path.name or "multi" in path.name else 1.0)
         if path.name == "digits_sd3.yaml":  # ten prompts x 8 images per rollout, 8 optimizer steps on it
             assert (config.images_per_rollout, config.optimizer_steps_per_rollout) == (80, 8)
+
+
+def test_an_embedded_model_with_a_preset_starts_from_it_and_flags_override():
+    # `trl nft --model digits-sd3` trains with the preset's settings (a run that learns), not the library defaults.
+    script_args, config = make_parser().parse_args_and_config(
+        with_model_preset(["--model", "digits-sd3", "--max_steps", "5"])
+    )
+    assert (script_args.model_name_or_path, script_args.reward, script_args.dataset) == (
+        "digits-sd3",
+        ["digit_accuracy"],
+        "digits",
+    )
+    assert (config.learning_rate, config.lora_r, config.loss_type, config.max_steps) == (1e-3, 8, "velocity", 5)
+    assert with_model_preset(["--model_name_or_path=digits-sd3"])[:2] == ["--config", model_preset("digits-sd3")]
+    # A config of the user's own replaces the preset; models without one are left alone.
+    for argv in (["--config", "my.yaml", "--model", "digits-sd3"], ["--model", "tiny-sd3"], ["--max_steps", "3"]):
+        assert with_model_preset(argv) == argv
 
 
 def test_rewards_by_flag_repeated_or_comma_separated_with_weights():

@@ -60,7 +60,8 @@ class RewardHackingGuardCallback(TrainerCallback):
 
     At each evaluation, the held-out value is compared with its best so far, and the training reward (the mean of the
     `reward` logged since the previous evaluation) with its value at that best evaluation. Held-out below its best
-    while the training reward is above its value then is a strike; `patience` strikes in a row trigger the guard.
+    while the training reward is above its value then is a strike; `patience` strikes in a row trigger the guard, and
+    `triggered_steps` records the step of each warning (or of the stop).
     """
 
     def __init__(self, metric: str, patience: int = 2, stop: bool = False):
@@ -68,6 +69,7 @@ class RewardHackingGuardCallback(TrainerCallback):
         self.best: float | None = None
         self.train_reward_at_best: float | None = None
         self.strikes = 0
+        self.triggered_steps: list[int] = []
         self._train_rewards: list[float] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -85,6 +87,7 @@ class RewardHackingGuardCallback(TrainerCallback):
             return
         self.strikes = self.strikes + 1 if train_reward > self.train_reward_at_best else 0
         if self.strikes >= self.patience:
+            self.triggered_steps.append(state.global_step)
             logger.warning(
                 f"Possible reward hacking at step {state.global_step}: {self.metric} = {held_out:.4g} has stayed below "
                 f"its best {self.best:.4g} for {self.strikes} evaluations while the training reward rose from "

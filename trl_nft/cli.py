@@ -56,7 +56,7 @@ def nft(argv: list[str]) -> int:
 
     from .scripts import nft as script
 
-    argv = script.merge_repeated_flags(argv)
+    argv = script.with_model_preset(script.merge_repeated_flags(argv))
     parser = script.make_parser(prog="trl nft")
     try:  # parsed here first, so that bad flags and --help answer at once, before accelerate starts
         script_args, training_args, config_remaining, cli_remaining = parser.parse_args_and_config(

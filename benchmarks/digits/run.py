@@ -21,15 +21,17 @@ import yaml
 from transformers import TrainerCallback
 
 from trl_nft import DiffusionNFTTrainer, NFTConfig
+from trl_nft.callbacks import RewardHackingGuardCallback
+from trl_nft.models import model_preset
 from trl_nft.models.digits import digit_prompts
 from trl_nft.rewards import get_reward
 
 
 # The settings every run starts from, those of the CLI preset (`--set` overrides any of them); the preset's script
 # arguments (model, reward, prompts) and output settings are this script's own.
-PRESET = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "configs", "digits_sd3.yaml")
+PRESET = model_preset("digits-sd3")
 SCRIPT_KEYS = {"model_name_or_path", "reward", "dataset", "eval_dataset", "output_dir", "max_steps", "eval_steps"}
-SCRIPT_KEYS |= {"eval_strategy", "logging_steps", "save_steps", "sample_logging_steps", "report_to"}
+SCRIPT_KEYS |= {"eval_strategy", "logging_steps", "save_steps", "sample_logging_steps", "report_to", "seed"}
 
 
 def preset_settings() -> dict:
@@ -38,18 +40,24 @@ def preset_settings() -> dict:
 
 
 class RecordEvaluations(TrainerCallback):
-    """Keeps every evaluation's accuracies with the training time spent before it (evaluations excluded), and
-    rewrites the result file after each, so that an interrupted run keeps its points."""
+    """Keeps every evaluation's accuracies with the training time spent before it (evaluations excluded) and the
+    mean training reward logged since the previous one, and rewrites the result file after each, so that an
+    interrupted run keeps its points; with `guard` (the trainer's reward-hacking guard), the steps it warned at."""
 
     def __init__(self, path: str, result: dict):
-        self.path, self.result = path, result
+        self.path, self.result, self.guard = path, result, None
         self.points, self.evaluation_seconds, self.start, self.last_step_end = [], 0.0, 0.0, 0.0
+        self.train_rewards = []
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = self.last_step_end = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
         self.last_step_end = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "reward" in logs:
+            self.train_rewards.append(logs["reward"])
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         # The trainer evaluates right after a step ends (or before training, for the base point).
@@ -61,11 +69,21 @@ class RecordEvaluations(TrainerCallback):
             "classifier_accuracy": round(metrics["eval_rewards/digit_classifier_top1/mean"], 4),
             "judge_accuracy": round(metrics["eval_rewards/digit_judge/mean"], 4),
         }
+        if self.train_rewards:
+            point["train_reward"] = round(sum(self.train_rewards) / len(self.train_rewards), 4)
+            self.train_rewards = []
         self.evaluation_seconds += now - self.last_step_end
         self.points.append(point)
         print("EVAL", json.dumps(point), flush=True)
+        self.write()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.write()  # the guard acts after this callback at each evaluation: its last warning lands here
+
+    def write(self) -> None:
+        guard = {"guard_triggered_steps": self.guard.triggered_steps} if self.guard else {}
         with open(self.path, "w") as file:
-            json.dump({**self.result, "points": self.points}, file, indent=1)
+            json.dump({**self.result, **guard, "points": self.points}, file, indent=1)
 
 
 def parse_value(text: str):
@@ -129,6 +147,8 @@ def main() -> None:
         eval_reward_funcs=["digit_classifier_top1", "digit_judge"],
         callbacks=[evaluation],
     )
+    callbacks = trainer.callback_handler.callbacks
+    evaluation.guard = next((item for item in callbacks if isinstance(item, RewardHackingGuardCallback)), None)
     evaluation.on_train_begin(config, trainer.state, trainer.control)
     trainer.evaluate()  # the base model
     trainer.train()

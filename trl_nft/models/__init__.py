@@ -1,6 +1,7 @@
 """Model loading and the registry of model-family adapters."""
 
 import difflib
+import importlib.resources as resources
 import os
 
 import torch
@@ -27,6 +28,17 @@ EMBEDDED_MODELS = {
     "digits-sd3": load_digits_sd3,
     "digits-sd": load_digits_sd,  # its SD1.x counterpart, for the DDPO comparison (`models/digits_sd.py`)
 }
+
+#: Training settings that make a short run learn visibly on an embedded pretrained model, in the package's `presets/`:
+#: `trl nft --model NAME` starts from them when no `--config` is given (flags still override any of them).
+MODEL_PRESETS = {"digits-sd3": "digits_sd3.yaml"}
+
+
+def model_preset(model: str) -> str | None:
+    """The path of `model`'s preset file (`MODEL_PRESETS`), or None when it has none."""
+    if model not in MODEL_PRESETS:
+        return None
+    return str(resources.files("trl_nft").joinpath("presets", MODEL_PRESETS[model]))
 
 
 #: Short names a user can type for the supported families' Hub checkpoints.
@@ -83,6 +95,7 @@ __all__ = [
     "ADAPTERS",
     "EMBEDDED_MODELS",
     "MODEL_ALIASES",
+    "MODEL_PRESETS",
     "TINY_SD3_RESOLUTION",
     "DiffusionAdapter",
     "Rollout",
@@ -95,5 +108,6 @@ __all__ = [
     "load_digits_sd3",
     "get_adapter",
     "load_pipeline",
+    "model_preset",
     "resolve_model_name",
 ]

@@ -10,6 +10,7 @@ with `--push_to_hub`.
 
 import difflib
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from datasets import Dataset
 from trl import TrlParser
 
 from trl_nft import DiffusionNFTTrainer, NFTConfig
+from trl_nft.models import model_preset
 from trl_nft.models.digits import digit_prompts
 from trl_nft.prompts import (
     drawbench_prompts,
@@ -61,6 +63,8 @@ DEFAULT_PROMPTS = {
     "digit_judge": "digits",
 }
 DEFAULT_PROMPT_SET = "pickapic"  # preference rewards (PickScore, HPSv2, aesthetic, ImageReward, CLIP, VLM judges)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -127,6 +131,23 @@ def merge_repeated_flags(argv: list[str], flags: tuple[str, ...] = ("--reward", 
             current = None
             merged.append(token)
     return [item for token in merged for item in (token if isinstance(token, list) else [token])]
+
+
+def with_model_preset(argv: list[str]) -> list[str]:
+    """`argv` starting from the named model's preset (`--config`, `models.MODEL_PRESETS`) when it has one and no
+    `--config` is given: `trl nft --model digits-sd3` is then a run that learns, and flags still override."""
+    if any(token == "--config" or token.startswith("--config=") for token in argv):
+        return argv
+    model = None
+    for index, token in enumerate(argv):
+        name, sep, value = token.partition("=")
+        if name in ("--model", "--model_name_or_path"):
+            model = value if sep else (argv[index + 1] if index + 1 < len(argv) else None)
+    preset = model_preset(model) if model else None
+    if preset is None:
+        return argv
+    logger.info(f"--model {model}: training settings from its preset {preset} (flags override; --config replaces it).")
+    return ["--config", preset, *argv]
 
 
 def parse_rewards(specs: list[str], reward_kwargs: list[str]) -> tuple[list, list[float] | None]:
@@ -241,4 +262,4 @@ def make_parser(prog: str | None = None) -> TrlParser:
 if __name__ == "__main__":
     import sys
 
-    main(*make_parser().parse_args_and_config(merge_repeated_flags(sys.argv[1:])))
+    main(*make_parser().parse_args_and_config(with_model_preset(merge_repeated_flags(sys.argv[1:]))))

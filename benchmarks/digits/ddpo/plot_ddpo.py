@@ -5,7 +5,7 @@ wall-clock, evaluation excluded) in one figure, and the time each took to reach 
 
 Left panel: evaluated at CFG 5 (DDPO's sampling CFG), right: CFG-free; solid reward classifier, dashed held-out judge.
 The summary (DDPO's best, when each run first reached it, the ratio) is printed and written to
-`results/ddpo/summary.json`, for each evaluation CFG and for each trainer at its own sampling CFG (DDPO at 5, ours
+`results/ddpo/summary.json` (`--summary`), for each evaluation CFG and for each trainer at its own sampling CFG (DDPO at 5, ours
 CFG-free).
 """
 
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--ours", default="nft")
     parser.add_argument("--output", default="docs/images/digits_ddpo.png")
     parser.add_argument("--results_dir", default=RESULTS)
+    parser.add_argument("--summary", default="summary.json", help="file name of the summary, in --results_dir")
     args = parser.parse_args()
 
     ddpo, ours = (load(name, args.results_dir)["points"] for name in (args.ddpo, args.ours))
@@ -64,7 +65,7 @@ def main() -> None:
         "own_sampling_cfg": compare(ddpo, ours, "classifier_accuracy_cfg5", "classifier_accuracy"),
     }
     print(json.dumps(summary, indent=1))
-    with open(os.path.join(args.results_dir, "summary.json"), "w") as file:
+    with open(os.path.join(args.results_dir, args.summary), "w") as file:
         json.dump({"ddpo": args.ddpo, "ours": args.ours, **summary}, file, indent=1)
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)

@@ -5,7 +5,7 @@ CFG-free and CFG 5), in the main environment:
     python benchmarks/digits/ddpo/run_nft_sd.py --max_seconds 900
     python benchmarks/digits/ddpo/run_nft_sd.py --name nft_lr1e-4 --set learning_rate=1e-4
 
-Settings: `NFT_SETTINGS`, pinned here rather than read from `examples/configs/digits_sd3.yaml` (that preset's
+Settings: `NFT_SETTINGS`, pinned here rather than read from `trl_nft/presets/digits_sd3.yaml` (that preset's
 full fine-tuning settings, with the SD1.x changes: DDIM rollouts, a UNet-sized learning rate); `--set FIELD=VALUE`
 overrides any NFTConfig field. Training is CFG-free (DiffusionNFT's design). `train_seconds` is the trainer's
 wall-clock with evaluations excluded (from the start of training to the end of each evaluated step).
