@@ -43,10 +43,10 @@ def test_sample_grid_layout():
     assert grid.getpixel((32 + 5, 12 + 5)) == (40, 0, 0)  # the second image, below its caption
 
 
-def _guard_run(history, patience=2, stop=True):
+def _guard_run(history, patience=2, stop=True, threshold=0.0):
     """Feed (training reward, held-out value) pairs, one evaluation each; return the step at which training stops,
     else the steps at which the guard warned (None if it never did)."""
-    guard = RewardHackingGuardCallback("eval_rewards/judge/mean", patience=patience, stop=stop)
+    guard = RewardHackingGuardCallback("eval_rewards/judge/mean", patience=patience, stop=stop, threshold=threshold)
     for step, (train_reward, held_out) in enumerate(history, start=1):
         control, state = TrainerControl(), TrainerState(global_step=step)
         guard.on_log(None, state, control, logs={"reward": train_reward})
@@ -63,11 +63,17 @@ def test_reward_hacking_guard_rule():
     # Both falling is not hacking; a new held-out best resets the count.
     assert _guard_run([(1.0, 0.5), (0.9, 0.4), (0.8, 0.3)]) is None
     assert _guard_run([(1.0, 0.5), (1.2, 0.4), (1.3, 0.6), (1.4, 0.5)]) is None
+    # With a threshold, dips within it are noise: no strike, and they break a run of strikes.
+    assert _guard_run([(1.0, 0.5), (1.2, 0.46), (1.5, 0.46), (1.6, 0.3)], threshold=0.05) is None
+    assert _guard_run([(1.0, 0.5), (1.2, 0.44), (1.5, 0.44)], threshold=0.05) == 3
     # "warn" never stops; it warns at each evaluation while the strikes continue.
     assert _guard_run([(1.0, 0.5), (1.2, 0.4), (1.5, 0.3), (1.6, 0.2)], stop=False) == [3, 4]
 
 
-def test_reward_hacking_guard_stops_a_run_whose_held_out_reward_falls(make_config, prompts_dataset, caplog):
+@pytest.mark.parametrize(("threshold", "stop_step"), [(0.0, 3), (1.5, 4)])
+def test_reward_hacking_guard_stops_a_run_whose_held_out_reward_falls(
+    make_config, prompts_dataset, caplog, threshold, stop_step
+):
     state = {"judge_calls": 0, "step": 0}
 
     def rising(images, prompts, **kwargs):  # a training reward that rises step after step
@@ -81,7 +87,13 @@ def test_reward_hacking_guard_stops_a_run_whose_held_out_reward_falls(make_confi
         def on_step_begin(self, args, trainer_state, control, **kwargs):
             state["step"] = trainer_state.global_step + 1
 
-    config = make_config(max_steps=6, eval_strategy="steps", eval_steps=1, reward_hacking_guard="stop")
+    config = make_config(
+        max_steps=6,
+        eval_strategy="steps",
+        eval_steps=1,
+        reward_hacking_guard="stop",
+        reward_hacking_threshold=threshold,
+    )
     trainer = DiffusionNFTTrainer(
         "tiny-sd3",
         rising,
@@ -93,10 +105,13 @@ def test_reward_hacking_guard_stops_a_run_whose_held_out_reward_falls(make_confi
     )
     with caplog.at_level("WARNING"):
         trainer.train()
-    assert trainer.state.global_step == 3  # best at step 1, strikes at steps 2 and 3
-    assert "Possible reward hacking at step 3: eval_rewards/judge/mean" in caplog.text
+    # The judge reads -2 at step 1 (its best), then 1 lower at each step: strikes at steps 2 and 3, or with a threshold
+    # of 1.5 at steps 3 and 4 (the first fall, 1, is within it).
+    assert trainer.state.global_step == stop_step
+    assert f"Possible reward hacking at step {stop_step}: eval_rewards/judge/mean" in caplog.text
     evaluations = [entry for entry in trainer.state.log_history if "eval_reward" in entry]
-    assert [entry["eval_rewards/judge/mean"] for entry in evaluations] == [-2.0, -3.0, -4.0]  # call 1: the probe
+    expected = [-2.0 - step for step in range(stop_step)]  # judge call 1 is the trainer's probe
+    assert [entry["eval_rewards/judge/mean"] for entry in evaluations] == expected
 
 
 def test_unknown_reward_hacking_metric_lists_the_known_ones(make_config, prompts_dataset):

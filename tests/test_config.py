@@ -39,6 +39,7 @@ def test_sampler_kwargs_accept_json_from_the_command_line(tmp_path):
         ({"old_policy_decay_rate": -0.1}, "old_policy_decay_rate"),
         ({"old_policy_decay_delay": -1}, "old_policy_decay_delay"),
         ({"lora_r": 0}, "lora_r"),
+        ({"reward_hacking_threshold": -0.1}, "reward_hacking_threshold"),
         ({"steps_per_generation": 0}, "steps_per_generation"),
         ({"gradient_accumulation_steps": 2, "steps_per_generation": 3}, "steps_per_generation"),
     ],

@@ -59,13 +59,13 @@ class RewardHackingGuardCallback(TrainerCallback):
     """Warn (or stop) when a held-out evaluation metric falls while the training reward rises.
 
     At each evaluation, the held-out value is compared with its best so far, and the training reward (the mean of the
-    `reward` logged since the previous evaluation) with its value at that best evaluation. Held-out below its best
-    while the training reward is above its value then is a strike; `patience` strikes in a row trigger the guard, and
-    `triggered_steps` records the step of each warning (or of the stop).
+    `reward` logged since the previous evaluation) with its value at that best evaluation. Held-out more than
+    `threshold` below its best while the training reward is above its value then is a strike; `patience` strikes in a
+    row trigger the guard, and `triggered_steps` records the step of each warning (or of the stop).
     """
 
-    def __init__(self, metric: str, patience: int = 2, stop: bool = False):
-        self.metric, self.patience, self.stop = metric, patience, stop
+    def __init__(self, metric: str, patience: int = 2, stop: bool = False, threshold: float = 0.0):
+        self.metric, self.patience, self.stop, self.threshold = metric, patience, stop, threshold
         self.best: float | None = None
         self.train_reward_at_best: float | None = None
         self.strikes = 0
@@ -85,7 +85,8 @@ class RewardHackingGuardCallback(TrainerCallback):
         if self.best is None or held_out >= self.best:
             self.best, self.train_reward_at_best, self.strikes = held_out, train_reward, 0
             return
-        self.strikes = self.strikes + 1 if train_reward > self.train_reward_at_best else 0
+        fallen = held_out < self.best - self.threshold
+        self.strikes = self.strikes + 1 if fallen and train_reward > self.train_reward_at_best else 0
         if self.strikes >= self.patience:
             self.triggered_steps.append(state.global_step)
             logger.warning(

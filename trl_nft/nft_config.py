@@ -117,6 +117,10 @@ class NFTConfig(TrainingArguments):
         `eval_reward_funcs` entry if there is one, else `"eval_reward"` (the training reward on held-out prompts).
     reward_hacking_patience (`int`, *optional*, defaults to `2`):
         Evaluations in a row that must show the divergence before the guard acts.
+    reward_hacking_threshold (`float`, *optional*, defaults to `0.0`):
+        How far below its best the held-out metric must be for an evaluation to count, in the metric's units. Set it
+        to about the evaluation's noise (e.g. 0.05 for an accuracy over 100 images) so that the guard ignores dips
+        that the same weights would show on other noise.
 
     > Parameters that control the adapters
 
@@ -236,6 +240,9 @@ class NFTConfig(TrainingArguments):
     reward_hacking_patience: int = field(
         default=2, metadata={"help": "Evaluations in a row showing the divergence before the guard acts."}
     )
+    reward_hacking_threshold: float = field(
+        default=0.0, metadata={"help": "How far below its best the held-out metric must be to count (its units)."}
+    )
 
     # Adapters
     use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (False: full fine-tuning)."})
@@ -287,6 +294,7 @@ class NFTConfig(TrainingArguments):
             "choose 'off', 'warn' or 'stop'",
         )
         check(self.reward_hacking_patience >= 1, "reward_hacking_patience", "it must be at least 1")
+        check(self.reward_hacking_threshold >= 0, "reward_hacking_threshold", "it must be 0 or positive")
         check(self.sample_logging_steps >= 0, "sample_logging_steps", "it must be 0 (off) or positive")
         check(self.sample_logging_num_images >= 1, "sample_logging_num_images", "it must be at least 1")
         if self.reward_weights is not None and any(w != w for w in self.reward_weights):

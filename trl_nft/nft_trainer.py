@@ -208,6 +208,7 @@ class DiffusionNFTTrainer(Trainer):
                     self._held_out_metric(args.reward_hacking_metric),
                     args.reward_hacking_patience,
                     stop=args.reward_hacking_guard == "stop",
+                    threshold=args.reward_hacking_threshold,
                 )
             )
         self.last_rollout_samples: tuple[list, list, list] | None = None  # (images, prompts, rewards), this process

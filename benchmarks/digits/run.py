@@ -4,6 +4,7 @@ optimizer steps and training wall-clock (evaluation time excluded), written as J
     python benchmarks/digits/run.py --name default --max_steps 60 --eval_every 10
     python benchmarks/digits/run.py --name control --shuffle_rewards      # rewards permuted within each rollout
     python benchmarks/digits/run.py --name beta0.1 --set beta=0.1         # any NFTConfig field
+    python benchmarks/digits/run.py --name gamed --add_reward jpeg_incompressibility:100  # a reward term to game
 
 Evaluation: the `digits` test split (each digit 10 times, one image per prompt, fixed noise), CFG-free, the
 trainer's `evaluate()` (EMA weights when `ema_decay > 0`).
@@ -100,6 +101,13 @@ def main() -> None:
     parser.add_argument("--max_steps", type=int, default=800)
     parser.add_argument("--eval_every", type=int, default=80)
     parser.add_argument("--shuffle_rewards", action="store_true", help="control: permute rewards within each rollout")
+    parser.add_argument(
+        "--add_reward",
+        nargs="*",
+        default=[],
+        metavar="NAME:WEIGHT",
+        help="more training rewards with their weights (digit_accuracy weighs 1)",
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="NFTConfig overrides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results_dir", default=os.path.join(os.path.dirname(__file__), "results"))
@@ -107,6 +115,9 @@ def main() -> None:
 
     overrides = dict(item.split("=", 1) for item in args.set)
     settings = {**preset_settings(), **{key: parse_value(value) for key, value in overrides.items()}}
+    added = [item.rsplit(":", 1) for item in args.add_reward]
+    if added:
+        settings["reward_weights"] = [1.0, *(float(weight) for _, weight in added)]
     torch.manual_seed(args.seed)
     reward, rng = get_reward("digit_accuracy"), random.Random(args.seed)
 
@@ -140,7 +151,7 @@ def main() -> None:
     evaluation = RecordEvaluations(os.path.join(args.results_dir, f"{args.name}.json"), result)
     trainer = DiffusionNFTTrainer(
         args.model,
-        digit_accuracy,
+        [digit_accuracy, *(get_reward(name) for name, _ in added)],
         args=config,
         train_dataset=digit_prompts(),
         eval_dataset=digit_prompts(repeats=10),
