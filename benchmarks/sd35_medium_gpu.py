@@ -25,7 +25,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transfo
 from overhead import add_common_arguments, format_table, parse_common, run_benchmark
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from trl_nft.models.tiny import _clip_tokenizer, _t5_tokenizer
+from trl_nft.embedded.tiny import _clip_tokenizer, _t5_tokenizer
 
 
 # Component sizes of stabilityai/stable-diffusion-3.5-medium (its published configs), and a tiny version with the same

@@ -6,7 +6,7 @@ import os
 import torch
 from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-from trl_nft.models.tiny import _clip_text_config, _clip_tokenizer
+from trl_nft.embedded.tiny import _clip_text_config, _clip_tokenizer
 
 
 TINY_CLIP_IMAGE_SIZE = 32

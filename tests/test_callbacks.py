@@ -6,7 +6,7 @@ from PIL import Image
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from trl_nft import DiffusionNFTTrainer
-from trl_nft.callbacks import RewardHackingGuardCallback, sample_grid
+from trl_nft.callbacks import RewardHackingGuardCallback, sample_grid, spread_over_prompts
 
 
 def test_sample_grids_land_on_disk_and_in_tensorboard(make_config, prompts_dataset, tmp_path):
@@ -17,7 +17,7 @@ def test_sample_grids_land_on_disk_and_in_tensorboard(make_config, prompts_datas
     saved = sorted((tmp_path / "run" / "samples").glob("*.png"))
     assert [path.name for path in saved] == ["step_000001.png", "step_000002.png"]
     grid = Image.open(saved[0])
-    assert grid.width == 4 * 64 and grid.height == 64 + 12  # 3 images in a row of 4, under a caption line
+    assert grid.width == 3 * 128 and grid.height == 128 + 36  # 3 images in a row, enlarged, under their captions
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
     events.Reload()
     assert [event.step for event in events.Images("train/samples")] == [1, 2]
@@ -39,8 +39,15 @@ def test_early_stopping_at_a_target_reward(make_config, prompts_dataset):
 def test_sample_grid_layout():
     images = [Image.new("RGB", (32, 32), (i * 40, 0, 0)) for i in range(6)]
     grid = sample_grid(images, [f"prompt {i}" for i in range(6)], [float(i) for i in range(6)], columns=4)
-    assert grid.size == (4 * 32, 2 * (32 + 12))
-    assert grid.getpixel((32 + 5, 12 + 5)) == (40, 0, 0)  # the second image, below its caption
+    assert grid.size == (4 * 128, 2 * (128 + 36))  # 32 px images enlarged 4 times, pixel for pixel
+    assert grid.getpixel((128 + 5, 36 + 5)) == (40, 0, 0)  # the second image, below its caption
+    assert sample_grid(images[:1], ["p"], [0.0]).size == (128, 128 + 36)
+    assert sample_grid([Image.new("RGB", (200, 100))], ["p"], [0.0]).size == (200, 100 + 36)  # wide enough as is
+
+
+def test_sample_grids_show_one_image_per_prompt_first():
+    prompts = ["zero"] * 3 + ["one"] * 3 + ["two"] * 3
+    assert [prompts[i] for i in spread_over_prompts(4, prompts)] == ["zero", "one", "two", "zero"]
 
 
 def _guard_run(history, patience=2, stop=True, threshold=0.0):

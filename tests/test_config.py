@@ -13,7 +13,7 @@ def test_defaults_follow_the_released_code(tmp_path):
     assert (config.scale_rewards, config.advantage_clip, config.loss_type) == ("batch", 5.0, "x0_adaptive")
     assert config.train_timestep_fraction == 0.99
     assert config.lr_scheduler_type == "constant"
-    assert config.sampler == "DPMSolverMultistepScheduler"
+    assert config.sampler is None  # the family's default: DPM-Solver++(2M), UniPC for Qwen-Image and Z-Image
 
 
 def test_sampler_kwargs_accept_json_from_the_command_line(tmp_path):

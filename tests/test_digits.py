@@ -7,14 +7,14 @@ from diffusers import StableDiffusion3Pipeline
 from PIL import Image
 
 from trl_nft.models import load_pipeline
-from trl_nft.models.digits import digit_prompt, digit_prompts
+from trl_nft.prompts.digits import digit_prompt, digit_prompts
 from trl_nft.rewards import get_reward
 
 
 def _real_test_digits() -> tuple[list[Image.Image], list[int]]:
     """The held-out real digits (never trained on by the builder), rendered as the model's 16 x 16 RGB images."""
     pytest.importorskip("sklearn")
-    from trl_nft.models.digits import load_digit_images
+    from trl_nft.embedded.digits_sd3 import load_digit_images
 
     images, labels = load_digit_images()["test"]
     array = (images[:, 0].numpy() * 255).round().astype(np.uint8)
@@ -53,13 +53,13 @@ def test_digits_sd3_loads_and_generates_16px_images():
 
 
 def test_digits_sd3_prompts_use_its_short_context_and_fit_in_it():
+    from trl_nft.embedded.digits_sd3 import CONTEXT_TOKENS
     from trl_nft.models import get_adapter
-    from trl_nft.models.digits import CONTEXT_TOKENS
 
     pipeline = load_pipeline("digits-sd3")
     adapter = get_adapter(pipeline, max_sequence_length=128)  # NFTConfig's default, capped by the T5 tokenizer
     assert adapter.max_sequence_length == CONTEXT_TOKENS
-    embeds = adapter.encode_prompts([digit_prompt(7)], negative=False)["prompt_embeds"]
+    embeds = adapter.encode_prompts([digit_prompt(7)])["prompt_embeds"]
     assert embeds.shape[1] == 2 * CONTEXT_TOKENS  # CLIP tokens, then T5 tokens
     for tokenizer in (pipeline.tokenizer, pipeline.tokenizer_2, pipeline.tokenizer_3):
         assert len(tokenizer(digit_prompt(7)).input_ids) <= CONTEXT_TOKENS  # never truncated

@@ -7,9 +7,11 @@ import os
 import torch
 from diffusers import StableDiffusionPipeline
 
+from trl_nft.embedded.digits_sd import DIGITS_SD_PATH, base_accuracy
+from trl_nft.embedded.digits_sd3 import MAX_BASE_ACCURACY
 from trl_nft.models import load_pipeline
-from trl_nft.models.digits import DIGITS_SD3_PATH, MAX_BASE_ACCURACY, digit_prompt, load_classifier
-from trl_nft.models.digits_sd import DIGITS_SD_PATH, base_accuracy
+from trl_nft.prompts.digits import digit_prompt
+from trl_nft.rewards.digit_models import load_classifier
 
 
 def test_digits_sd_loads_and_generates_16px_images():
@@ -33,7 +35,7 @@ def test_digits_sd_base_follows_its_prompt_poorly():
     prompts = [digit_prompt(d) for d in range(10)] + [""]
     with torch.no_grad():
         embeds = pipeline.encode_prompt(prompts, "cpu", 1, do_classifier_free_guidance=False)[0]
-    accuracy = base_accuracy(pipeline, pipeline.unet, embeds, load_classifier(DIGITS_SD3_PATH))  # 200 images
+    accuracy = base_accuracy(pipeline, pipeline.unet, embeds, load_classifier())  # 200 images
     assert 0.2 < accuracy <= MAX_BASE_ACCURACY
     with open(os.path.join(DIGITS_SD_PATH, "build_info.json")) as file:
         assert json.load(file)["base_accuracy_cfg_free"] <= MAX_BASE_ACCURACY

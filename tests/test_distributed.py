@@ -48,6 +48,7 @@ SCRIPT = textwrap.dedent(
     records["trained"] = [p.detach().sum().item() for p in trainer._trained_params]
     with open(f"{sys.argv[1]}/rank{trainer.accelerator.process_index}.json", "w") as f:
         json.dump(records, f)
+    trainer.accelerator.wait_for_everyone()  # no rank tears down the group while another still uses it
     torch.distributed.destroy_process_group()  # a clean exit: no gloo thread left running at teardown
     """
 )

@@ -1,10 +1,14 @@
 """The diffusers model card written by every save, and `push_to_hub` down to huggingface_hub's upload call."""
 
+import contextlib
+
 import huggingface_hub.hf_api
 import numpy as np
+import pytest
 import torch
 import yaml
 from huggingface_hub import CommitInfo, HfApi, RepoUrl
+from PIL import Image
 
 from trl_nft import DiffusionNFTTrainer, build_tiny_sd3
 from trl_nft.model_card import TAGS
@@ -39,7 +43,7 @@ def test_save_model_writes_a_diffusers_card_next_to_a_loadable_lora(make_config,
     final = [entry for entry in trainer.state.log_history if "reward" in entry][-1]
     assert f"| `rewards/jpeg_incompressibility/mean` | {final['rewards/jpeg_incompressibility/mean']:.4g} |" in body
     assert "| `eval_reward` |" in body and "| `lora_r` | `4` |" in body
-    assert 'pipeline.load_lora_weights("saved")' in body
+    assert f'pipeline.load_lora_weights("{output_dir}")' in body
     assert "zheng2026diffusionnft" in body and "vonwerra2020trl" in body
 
     # The folder is exactly what diffusers loads.
@@ -97,4 +101,35 @@ def test_a_fully_fine_tuned_card_says_how_to_load_the_denoiser(make_config, prom
     trainer.save_model(str(tmp_path / "full"))
     card = (tmp_path / "full" / "README.md").read_text()
     assert "full-fine-tune" in yaml.safe_load(card.split("---\n")[1])["tags"]
-    assert 'from_pretrained("full", subfolder="transformer"' in card
+    assert f'from_pretrained("{tmp_path / "full"}", subfolder="transformer"' in card
+    _run_usage_example(card, tmp_path)
+
+
+def _run_usage_example(card: str, cwd) -> None:
+    """Run the card's Python example exactly as written (from `cwd`), offline."""
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    with contextlib.chdir(cwd):
+        exec(compile(code, "model_card_usage", "exec"), namespace)
+    assert isinstance(namespace["image"], Image.Image)
+
+
+@pytest.mark.parametrize(
+    "base",
+    ["tiny-sd3", "tiny-flux", "tiny-qwen-image", "tiny-flux2-klein", "tiny-z-image", "tiny-sdxl", "local folder"],
+)
+def test_the_usage_example_runs_as_written(make_config, prompts_dataset, tmp_path, monkeypatch, base):
+    # For an embedded base the example builds it with trl-nft; a local folder is loaded from its path. Every family's
+    # pipeline takes the example's arguments (its guidance argument included).
+    monkeypatch.chdir(tmp_path)
+    model = base
+    if base == "local folder":
+        build_tiny_sd3().save_pretrained("base")
+        model = "base"
+    config = make_config(max_steps=1, num_inference_steps=2)
+    trainer = DiffusionNFTTrainer(model, "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
+    trainer.train()
+    trainer.save_model("lora")  # a relative folder: the example loads it from where the run was started
+    card = (tmp_path / "lora" / "README.md").read_text()
+    assert (f'load_pipeline("{base}")' in card) == (base != "local folder")
+    _run_usage_example(card, tmp_path)

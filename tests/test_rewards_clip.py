@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from reward_models import save_tiny_aesthetic_head, save_tiny_clip, save_tiny_hpsv2
+from reward_models import TINY_CLIP_IMAGE_SIZE, save_tiny_aesthetic_head, save_tiny_clip, save_tiny_hpsv2
 from transformers import CLIPModel, CLIPProcessor
 
 from trl_nft import DiffusionNFTTrainer, get_reward
 
 
 PROMPTS = ["a red cube", "two dogs on a beach", "a very long prompt " * 20, "a red cube"]
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 @pytest.fixture(scope="module")
@@ -54,39 +55,129 @@ def random_images(n: int, size: int = 32) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
+def varied_images() -> list[Image.Image]:
+    """Non-square RGB images in both orientations (the resized long sides 48 and 71 leave odd margins to crop, where
+    rounding the offset down and to nearest differ), an image whose longer side is already 32 px, and L, RGBA (varying
+    alpha) and P images."""
+    rng = np.random.default_rng(1)
+
+    def noise(width, height, channels=3):
+        return rng.integers(0, 256, (height, width, channels), dtype=np.uint8).squeeze()
+
+    rgb = [Image.fromarray(noise(width, height)) for width, height in [(300, 200), (200, 300), (224, 100), (32, 10)]]
+    return rgb + [
+        Image.fromarray(noise(45, 64, 1), mode="L"),
+        Image.fromarray(noise(64, 40, 4), mode="RGBA"),
+        Image.fromarray(noise(50, 70)).quantize(colors=16),
+    ]
+
+
+def transformers4_clip_pixels(image: Image.Image, size: int = TINY_CLIP_IMAGE_SIZE) -> torch.Tensor:
+    """transformers 4's `CLIPImageProcessor.preprocess` (the PIL one, before transformers 5) with the tiny CLIP's
+    settings, written out: `convert_to_rgb` (PIL's `convert("RGB")`), to a uint8 HWC array, `resize` to
+    `get_resize_output_image_size(shortest_edge, default_to_square=False)` through a PIL image (bicubic),
+    `center_crop` by slicing at `(dim - size) // 2`, `rescale` (uint8 * 1/255 in float64, then float32), `normalize`
+    in float32, channels first."""
+    array = np.array(image.convert("RGB"))
+    height, width = array.shape[:2]
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = size, int(size * long / short)
+    new_height, new_width = (new_long, new_short) if width <= height else (new_short, new_long)
+    array = np.array(Image.fromarray(array).resize((new_width, new_height), resample=Image.BICUBIC))
+    top, left = (new_height - size) // 2, (new_width - size) // 2
+    array = array[top : top + size, left : left + size]
+    array = (array * (1 / 255)).astype(np.float32)
+    array = (array - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def hpsv2_reference_pixels(image: Image.Image, size: int = TINY_CLIP_IMAGE_SIZE) -> torch.Tensor:
+    """HPSv2's evaluation transform (`hpsv2/src/open_clip/transform.py`, `resize_longest_max=True`) in torchvision:
+    RGB, `ToTensor`, `ResizeMaxSize` (bicubic resize of the tensor to `round(side * size / long)`, zero padding
+    `[pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2]`), `Normalize`. Two departures, where HPSv2
+    itself fails: RGBA is converted to RGB (HPSv2 keeps the alpha channel), and an image whose longer side is already
+    `size` is padded (HPSv2 skips the padding with the resize)."""
+    from torchvision.transforms import InterpolationMode, Normalize, ToTensor
+    from torchvision.transforms import functional as TF
+
+    pixels = ToTensor()(image.convert("RGB"))
+    height, width = pixels.shape[1:]
+    scale = size / float(max(height, width))
+    new_size = [round(height * scale), round(width * scale)]
+    if scale != 1.0:
+        pixels = TF.resize(pixels, new_size, InterpolationMode.BICUBIC, antialias=True)
+    pad_h, pad_w = size - new_size[0], size - new_size[1]
+    pixels = TF.pad(pixels, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+    return Normalize(CLIP_MEAN, CLIP_STD)(pixels)
+
+
+def record_pixel_values(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The pixel values `module` (a vision tower) receives from now on, one tensor per call."""
+    received = []
+
+    def hook(_, args, kwargs):
+        received.append((kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]).detach().clone())
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+    return received
+
+
 def clip_forward(path: str, images, prompts):
-    """The tiny CLIP's own forward pass on processor inputs: normalised embeddings and logits."""
+    """The tiny CLIP's own forward pass on transformers 4's pixel values: normalised embeddings and logits."""
     model = CLIPModel.from_pretrained(path).eval()
-    inputs = CLIPProcessor.from_pretrained(path)(text=prompts, images=images, padding=True, return_tensors="pt")
+    text = CLIPProcessor.from_pretrained(path).tokenizer(prompts, padding=True, return_tensors="pt")
+    pixel_values = torch.stack([transformers4_clip_pixels(image) for image in images])
     with torch.no_grad():
-        return model, model(**inputs)
+        return model, model(**text, pixel_values=pixel_values)
 
 
 def test_clip_score_is_the_cosine_similarity_of_the_embeddings(make_reward, tiny_clip):
-    images = random_images(4, size=64)
-    model, outputs = clip_forward(tiny_clip, images, PROMPTS[:2] * 2)
+    images = random_images(4, size=64) + varied_images()
+    prompts = (PROMPTS[:2] * 6)[: len(images)]
+    model, outputs = clip_forward(tiny_clip, images, prompts)
     expected = outputs.logits_per_image.diagonal() / model.logit_scale.exp()
-    rewards = make_reward("clip_score")(images, PROMPTS[:2] * 2)
-    torch.testing.assert_close(torch.tensor(rewards), expected, rtol=1e-4, atol=1e-5)
+    rewards = make_reward("clip_score")(images, prompts)
+    torch.testing.assert_close(torch.tensor(rewards), expected, rtol=0, atol=1e-6)
     assert all(-1 <= reward <= 1 for reward in rewards)
 
 
 def test_pickscore_is_the_scaled_logit_over_26(make_reward, tiny_clip):
-    images = random_images(4, size=64)
-    _, outputs = clip_forward(tiny_clip, images, PROMPTS[:2] * 2)
-    rewards = make_reward("pickscore")(images, PROMPTS[:2] * 2)
-    torch.testing.assert_close(torch.tensor(rewards), outputs.logits_per_image.diagonal() / 26, rtol=1e-4, atol=1e-5)
+    images = random_images(4, size=64) + varied_images()
+    prompts = (PROMPTS[:2] * 6)[: len(images)]
+    _, outputs = clip_forward(tiny_clip, images, prompts)
+    rewards = make_reward("pickscore")(images, prompts)
+    torch.testing.assert_close(torch.tensor(rewards), outputs.logits_per_image.diagonal() / 26, rtol=0, atol=1e-6)
 
 
 def test_aesthetic_is_the_released_mlp_on_the_normalised_image_embedding(make_reward, tiny_clip, aesthetic_head):
-    images = random_images(4, size=64)
-    _, outputs = clip_forward(tiny_clip, images, ["unused"] * 4)
+    images = random_images(4, size=64) + varied_images()
+    _, outputs = clip_forward(tiny_clip, images, ["unused"] * len(images))
     state = torch.load(os.path.join(aesthetic_head, "sac+logos+ava1-l14-linearMSE.pth"), weights_only=True)
     hidden = outputs.image_embeds  # L2-normalised by CLIPModel
     for index in [0, 2, 4, 6, 7]:  # five linear layers, no activations; dropout is off in eval
         hidden = hidden @ state[f"layers.{index}.weight"].T + state[f"layers.{index}.bias"]
-    rewards = make_reward("aesthetic")(images, PROMPTS)
-    torch.testing.assert_close(torch.tensor(rewards), hidden[:, 0], rtol=1e-4, atol=1e-6)
+    rewards = make_reward("aesthetic")(images, (PROMPTS * 3)[: len(images)])
+    torch.testing.assert_close(torch.tensor(rewards), hidden[:, 0], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["clip_score", "pickscore", "aesthetic"])
+def test_clip_rewards_preprocess_as_the_transformers_4_clip_processor(make_reward, name):
+    reward = make_reward(name)
+    images = varied_images()
+    reward(images[:1], PROMPTS[:1])  # loads the model
+    received = record_pixel_values(reward._models[0].vision_model)
+    reward(images, (PROMPTS * 2)[: len(images)])
+    expected = torch.stack([transformers4_clip_pixels(image) for image in images])
+    torch.testing.assert_close(torch.cat(received), expected, rtol=0, atol=1e-6)
+
+
+def test_a_processor_not_configured_as_clip_is_an_error_naming_it(make_reward, tiny_clip, tmp_path):
+    processor = CLIPProcessor.from_pretrained(tiny_clip)
+    processor.image_processor.do_center_crop = False
+    processor.save_pretrained(tmp_path)
+    reward = make_reward("clip_score", processor_checkpoint=str(tmp_path))
+    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path))}.*do_center_crop=False"):
+        reward(random_images(1), PROMPTS[:1])
 
 
 def test_aesthetic_head_loads_from_a_file_of_any_name(make_reward, aesthetic_head, tmp_path):
@@ -115,6 +206,31 @@ def test_hpsv2_is_the_dot_product_of_the_normalised_open_clip_features(make_rewa
     torch.testing.assert_close(
         torch.tensor(rewards), (image_features @ text_features.T).diagonal(), rtol=1e-4, atol=1e-5
     )
+
+
+def test_hpsv2_resizes_the_longer_side_and_pads_as_hpsv2(make_reward, tiny_hpsv2):
+    import open_clip
+
+    folder, model_name = tiny_hpsv2
+    images = varied_images()
+    prompts = (PROMPTS * 2)[: len(images)]
+    reward = make_reward("hpsv2")
+    reward(images[:1], prompts[:1])  # loads the model
+    received = record_pixel_values(reward._models[0].visual)
+    rewards = reward(images, prompts)
+    pixels, expected = torch.cat(received), torch.stack([hpsv2_reference_pixels(image) for image in images])
+    torch.testing.assert_close(pixels, expected, rtol=0, atol=1e-6)
+    # 300 x 200 is resized to 32 x round(21.33) = 21 rows, and padded with 5 rows above and 6 below, black before
+    # the normalisation: (0 - mean) / std.
+    black = ((0 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD))[:, None, None]
+    torch.testing.assert_close(torch.cat([pixels[0, :, :5], pixels[0, :, -6:]], dim=1), black.expand(3, 11, 32))
+    assert not torch.allclose(pixels[0, :, 5], black[:, 0].expand(3, 32))
+    # The scores are HPSv2's on those pixels.
+    model = open_clip.create_model(model_name)
+    model.load_state_dict(torch.load(os.path.join(folder, "HPS_v2.1_compressed.pt"), weights_only=True)["state_dict"])
+    with torch.no_grad():
+        image_features, text_features = model.eval()(expected, open_clip.get_tokenizer(model_name)(prompts))[:2]
+    torch.testing.assert_close(torch.tensor(rewards), (image_features @ text_features.T).diagonal(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["clip_score", "pickscore", "aesthetic", "hpsv2"])

@@ -444,6 +444,42 @@ def test_reward_on_tiny_models_strict_and_partial(tiny_checkpoints):
     assert partial_scores[5:] == [0.0] * 10  # two cows for one asked: count credit 0, colour not checked
 
 
+def test_colour_crops_are_preprocessed_as_genevals_open_clip_transform(tiny_checkpoints):
+    """GenEval names colours with open_clip's `ViT-L-14` `openai` weights and their evaluation transform: bicubic PIL
+    resize of the shorter side, torchvision's center crop (offsets rounded to nearest), RGB, `ToTensor`, `Normalize`
+    with OpenAI's mean and std (not transformers' CLIP processor)."""
+    from torchvision import transforms
+
+    detector, clip = tiny_checkpoints
+    reward = get_reward("geneval", checkpoint=detector, clip_checkpoint=clip)
+    rng = np.random.default_rng(1)
+    # Whole-image detections: the crops are the images. Long sides resized to 71 and 45 leave odd margins to crop.
+    images = [
+        Image.fromarray(rng.integers(0, 256, (45, 100, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (64, 45, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (40, 64), dtype=np.uint8), mode="L"),
+    ]
+    metadata = [_metadata("colors", {"class": "cow", "count": 1, "color": "red"})] * len(images)
+    reward(images[:1], ["a photo"], metadata=metadata[:1])  # loads the models
+    received = []
+    reward._models["clip"].vision_model.register_forward_pre_hook(
+        lambda _, args, kwargs: received.append(kwargs["pixel_values"].clone()), with_kwargs=True
+    )
+    reward(images, ["a photo"] * len(images), metadata=metadata)
+    size = reward._models["clip"].config.vision_config.image_size
+    transform = transforms.Compose(
+        [
+            transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(size),
+            lambda image: image.convert("RGB"),
+            transforms.ToTensor(),
+            transforms.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+        ]
+    )
+    expected = torch.stack([transform(image.convert("RGB")) for image in images])
+    torch.testing.assert_close(torch.cat(received), expected, rtol=0, atol=1e-6)
+
+
 def test_reward_needs_metadata_and_existing_checkpoints(tiny_checkpoints, tmp_path):
     detector, clip = tiny_checkpoints
     image = Image.new("RGB", (64, 64))

@@ -55,6 +55,7 @@ class JudgeServer:
                                 "header": header,
                                 "format": image.format,
                                 "size": image.size,
+                                "pixels": np.asarray(image.convert("RGB")),
                                 "text": text_part["text"],
                                 "grade": grade,
                             }
@@ -120,8 +121,35 @@ def test_scores_are_the_judges_grades_of_the_images_sent_over_the_scale():
     request = by_prompt[UNIFIED_REWARD_TEMPLATE.replace("{prompt}", "a")]
     assert request["text"].endswith("Text Caption: [a]")
     assert (request["path"], request["model"], request["temperature"]) == ("/v1/chat/completions", "judge-7b", 0)
-    assert (request["header"], request["format"], request["size"]) == ("data:image/png;base64", "PNG", (32, 32))
+    # Sent at Flow-GRPO's 512 x 512 (a uniform grey stays uniform, so the grades are those of the 32 px images).
+    assert (request["header"], request["format"], request["size"]) == ("data:image/png;base64", "PNG", (512, 512))
     assert request["authorization"] == "Bearer secret"
+
+
+def test_images_are_resized_to_512_as_flow_grpo_does():
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (700, 600, 3), dtype=np.uint8)),
+        Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)),
+    ]
+    with JudgeServer() as server:
+        get_reward("vlm_judge", base_url=server.base_url, max_concurrency=1)(images, ["a", "b", "c"])
+        get_reward("vlm_judge", base_url=server.base_url, image_size=None)(images[:1], ["own size"])
+    by_text = {request["text"]: request for request in server.requests}
+    for image, prompt in zip(images, "abc", strict=True):
+        request = by_text[UNIFIED_REWARD_TEMPLATE.replace("{prompt}", prompt)]
+        assert request["size"] == (512, 512)
+        # Flow-GRPO's `Image.fromarray(image).resize((512, 512))`: Pillow's default filter (bicubic for RGB), sent
+        # losslessly.
+        np.testing.assert_array_equal(request["pixels"], np.asarray(image.resize((512, 512))))
+    assert server.requests[-1]["size"] == (300, 200)
+    np.testing.assert_array_equal(server.requests[-1]["pixels"], np.asarray(images[0]))
+
+
+def test_image_size_must_be_positive():
+    with pytest.raises(ValueError, match="image_size must be >= 1 or None"):
+        get_reward("vlm_judge", image_size=0)
 
 
 def test_custom_template_pattern_scale_and_image_size(monkeypatch):
@@ -181,9 +209,9 @@ def test_one_training_step_with_the_judge(make_config, prompts_dataset):
         trainer = DiffusionNFTTrainer("tiny-sd3", reward, args=config, train_dataset=prompts_dataset)
         trainer.train()
     log = next(entry for entry in trainer.state.log_history if "reward" in entry)
-    # The probe's 2 images, then one rollout of 4 images of one prompt, each sent as a 64 x 64 PNG.
+    # The probe's 2 images, then one rollout of 4 images of one prompt, each 64 x 64 image sent as a 512 x 512 PNG.
     assert len(server.requests) == 6
     rollout_grades = [request["grade"] for request in server.requests[2:]]
     assert log["rewards/vlm_judge/mean"] == pytest.approx(np.mean(rollout_grades) / 5)
     assert math.isfinite(log["loss"])
-    assert {request["size"] for request in server.requests} == {(64, 64)}
+    assert {request["size"] for request in server.requests} == {(512, 512)}

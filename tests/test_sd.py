@@ -1,9 +1,9 @@
 """SD1.x and SDXL (UNet, VP diffusion) through the flow objective: time grid, training, diffusers-loadable LoRA."""
 
-import numpy as np
 import pytest
 import torch
 from datasets import Dataset
+from families import assert_the_saved_lora_reproduces_the_policy
 
 from trl_nft import DiffusionNFTTrainer, build_tiny_sd, build_tiny_sdxl
 from trl_nft.models import StableDiffusionAdapter
@@ -33,23 +33,9 @@ def test_trains_saves_and_reloads_in_diffusers(
     trainer = DiffusionNFTTrainer(pipeline, "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
     trainer.train()
     assert trainer.state.global_step == 2
-    trainer.save_model(str(tmp_path / "lora"))
-
-    def images(pipe):
-        generator = torch.Generator().manual_seed(5)
-        prompts = ["a photo of object number 3"]
-        output = pipe(prompts, num_inference_steps=4, guidance_scale=1.0, generator=generator, output_type="np")
-        return np.asarray(output.images)
-
-    with trainer._evaluation_weights():  # what is saved: the EMA of the trained weights
-        expected = images(trainer.pipeline)
-    fresh = build(prediction_type=prediction_type)
-    fresh.scheduler = type(trainer.pipeline.scheduler).from_config(trainer.pipeline.scheduler.config)
-    base = images(fresh)
-    fresh.load_lora_weights(str(tmp_path / "lora"))
-    loaded = images(fresh)
-    assert np.abs(loaded - base).max() > 1e-3, "training should have changed the policy"
-    assert np.abs(loaded - expected).max() <= 1e-4
+    assert_the_saved_lora_reproduces_the_policy(
+        trainer, lambda: build(prediction_type=prediction_type), tmp_path / "lora", guidance_scale=1.0
+    )
 
 
 def test_a_pipeline_without_unet_is_refused(make_config, prompts_dataset):

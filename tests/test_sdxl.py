@@ -24,9 +24,9 @@ def test_tiny_sdxl_is_embedded_and_deterministic():
 def test_rollout_returns_clean_latents_and_the_flow_times_of_its_timesteps():
     adapter = StableDiffusionXLAdapter(build_tiny_sdxl())
     adapter.set_sampler("EulerDiscreteScheduler")  # SDXL's own
-    conditioning = adapter.encode_prompts(PROMPTS, negative=False)
+    conditioning = adapter.encode_prompts(PROMPTS)
     assert set(conditioning) == {"prompt_embeds", "pooled_prompt_embeds"}
-    rollout = adapter.sample(conditioning, 4, 1.0, 64, torch.Generator().manual_seed(0))
+    rollout = adapter.sample(conditioning, 4, 64, torch.Generator().manual_seed(0))
     assert rollout.latents.shape == (2, 4, 16, 16)
     timesteps = adapter.pipeline.scheduler.timesteps.long()
     assert torch.equal(adapter._timesteps_of(rollout.sigmas), timesteps)
@@ -57,7 +57,7 @@ def test_velocity_is_that_of_the_pipelines_own_unet_call(prediction_type):
     flow_times = (sigma / (alpha + sigma)).repeat(len(PROMPTS))
     with torch.no_grad():
         velocity = adapter.predict_velocity(
-            pipeline.unet, vp_noisy / (alpha + sigma), flow_times, adapter.encode_prompts(PROMPTS, negative=False)
+            pipeline.unet, vp_noisy / (alpha + sigma), flow_times, adapter.encode_prompts(PROMPTS)
         )
     torch.testing.assert_close(velocity, expected, atol=1e-4, rtol=1e-4)
 

@@ -2,7 +2,8 @@
 
 __version__ = "0.1.0.dev0"
 
-from .models import build_tiny_sd, build_tiny_sd3, build_tiny_sdxl, get_adapter, load_pipeline  # noqa: E402
+from .embedded import build_tiny_sd, build_tiny_sd3, build_tiny_sdxl  # noqa: E402
+from .models import get_adapter, load_pipeline  # noqa: E402
 from .nft_config import NFTConfig  # noqa: E402
 from .nft_trainer import DiffusionNFTTrainer  # noqa: E402
 from .prompts import drawbench_prompts, geneval_prompts, load_geneval_metadata, ocr_prompts, pickapic_prompts  # noqa: E402

@@ -3,6 +3,7 @@ reward, and a reward-hacking guard. The trainer adds them from `NFTConfig` field
 `transformers.TrainerCallback`s."""
 
 import os
+import textwrap
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -15,18 +16,21 @@ logger = logging.get_logger(__name__)
 
 
 class SampleLoggingCallback(TrainerCallback):
-    """Every `every_steps` optimizer steps, a grid of the latest rollout's images with their prompts and rewards:
+    """Every `every_steps` optimizer steps, a grid of the latest rollout's images (one per prompt first) with their
+    prompts and rewards:
     saved as `output_dir/samples/step_<N>.png` and sent to TensorBoard, Weights & Biases and Trackio when those are in
     `report_to`. Main process only; the images are that process's share of the rollout."""
 
     def __init__(self, trainer, every_steps: int, num_images: int = 8):
         self.trainer, self.every_steps, self.num_images = trainer, every_steps, num_images
+        self.columns = min(num_images, 5 if num_images % 5 == 0 else 4)
 
     def on_step_end(self, args, state, control, **kwargs):
         samples = self.trainer.last_rollout_samples
         if state.global_step % self.every_steps != 0 or not state.is_world_process_zero or samples is None:
             return
-        grid = sample_grid(*(column[: self.num_images] for column in samples))
+        chosen = spread_over_prompts(self.num_images, samples[1])
+        grid = sample_grid(*([column[i] for i in chosen] for column in samples), columns=self.columns)
         folder = os.path.join(args.output_dir, "samples")
         os.makedirs(folder, exist_ok=True)
         grid.save(os.path.join(folder, f"step_{state.global_step:06d}.png"))
@@ -98,15 +102,36 @@ class RewardHackingGuardCallback(TrainerCallback):
             control.should_training_stop = control.should_training_stop or self.stop
 
 
+#: Tiles are at least this wide: smaller images (digits-sd3's are 16 px) are enlarged pixel for pixel.
+MIN_TILE_WIDTH = 128
+CAPTION_LINE_HEIGHT = 12
+
+
 def sample_grid(images: list[Image.Image], prompts: list[str], rewards: list[float], columns: int = 4) -> Image.Image:
-    """Images in rows of `columns`, each captioned with the start of its prompt and its reward."""
-    width, height = images[0].size
-    caption = 12
+    """Images in rows of `columns`, each under a caption: its reward, then its prompt on up to two lines."""
+    scale = -(-MIN_TILE_WIDTH // images[0].width)  # ceiling division: 1 for images already wide enough
+    width, height = images[0].width * scale, images[0].height * scale
+    caption = 3 * CAPTION_LINE_HEIGHT
+    columns = min(columns, len(images))
     rows = (len(images) + columns - 1) // columns
     grid = Image.new("RGB", (columns * width, rows * (height + caption)), "white")
     draw = ImageDraw.Draw(grid)
     for i, (image, prompt, reward) in enumerate(zip(images, prompts, rewards, strict=True)):
         x, y = (i % columns) * width, (i // columns) * (height + caption)
-        grid.paste(image, (x, y + caption))
-        draw.text((x + 1, y), f"{reward:.3g} {prompt}"[: max(4, width // 6)], fill="black")
+        grid.paste(image.resize((width, height), Image.NEAREST) if scale > 1 else image, (x, y + caption))
+        lines = [
+            f"reward {reward:.3g}",
+            *textwrap.wrap(prompt, width=max(4, width // 6), max_lines=2, placeholder=".."),
+        ]
+        draw.multiline_text((x + 1, y), "\n".join(lines), fill="black", spacing=0)
     return grid
+
+
+def spread_over_prompts(count: int, prompts: list[str]) -> list[int]:
+    """`count` indices into a rollout's images, one per prompt before any prompt's second (a rollout lists each
+    prompt's group in a row, so its first images would all show one prompt)."""
+    rank, seen = [], {}
+    for prompt in prompts:
+        rank.append(seen.get(prompt, 0))
+        seen[prompt] = rank[-1] + 1
+    return sorted(range(len(prompts)), key=rank.__getitem__)[:count]

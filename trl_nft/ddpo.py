@@ -1,20 +1,22 @@
 """A drop-in path for code written for TRL's `DDPOTrainer` (trl <= 0.23.1, removed in 0.24).
 
 A DDPO script ports by changing its imports: `from trl_nft.ddpo import DDPOConfig, DDPOTrainer,
-DefaultDDPOStableDiffusionPipeline`. Its `reward_function`, `prompt_function` and `image_samples_hook` keep working
-unchanged; the training underneath is DiffusionNFT (`DiffusionNFTTrainer`). `DDPOConfig` keeps DDPO's field names and
-maps each onto `NFTConfig` (`to_nft_config`); fields with no DiffusionNFT equivalent (PPO's clip range, inner epochs,
-...) are accepted and listed in docs/ddpo_migration.md.
+DefaultDDPOStableDiffusionPipeline`. Its `reward_function`, `prompt_function`, `image_samples_hook` and `log_with`
+trackers keep working unchanged; the training underneath is DiffusionNFT (`DiffusionNFTTrainer`). `DDPOConfig` keeps
+DDPO's field names and maps each onto `NFTConfig` (`to_nft_config`); fields with no DiffusionNFT equivalent (PPO's clip
+range, inner epochs, ...) are accepted and listed in docs/ddpo_migration.md.
 """
 
-import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker, filter_trackers, get_available_trackers
+from accelerate.utils import LoggerType, ProjectConfiguration
 from datasets import Dataset
 from diffusers import StableDiffusionPipeline
+from transformers import TrainerCallback
 
 from .nft_config import NFTConfig
 from .nft_trainer import DiffusionNFTTrainer
@@ -33,6 +35,8 @@ class DDPOConfig:
     exp_name: str = "ddpo"
     run_name: str = ""
     seed: int = 0
+    # As accelerate's `Accelerator(log_with=...)`: a tracker name, a list of names, `GeneralTracker` instances, or a
+    # mixture. Annotated `str | None` so that `HfArgumentParser` (TRL's example script) can parse `--log_with`.
     log_with: str | None = None
     tracker_kwargs: dict = field(default_factory=dict)
     accelerator_kwargs: dict = field(default_factory=dict)
@@ -80,10 +84,13 @@ class DDPOConfig:
             raise ValueError(f"mixed_precision={self.mixed_precision!r} is invalid: use 'no', 'fp16' or 'bf16'.")
         cuda = torch.cuda.is_available()  # DDPO's fp16 default meant "on the GPU"; on a CPU it runs in float32
         return NFTConfig(
-            output_dir=self.project_kwargs.get("project_dir", self.logdir),
+            output_dir=_project_configuration(self).project_dir or self.logdir,
             run_name=self.run_name or self.exp_name,
             seed=self.seed,
-            report_to=self.log_with or "none",
+            # `log_with` goes to accelerate's trackers, as in DDPO (`DDPOTrainer` sets them up). transformers' own
+            # integrations stay off: for the same tracker they would start a second run (a second `wandb.init`, a
+            # second TensorBoard writer logging the same scalars to another folder).
+            report_to="none",
             max_steps=self.num_epochs,
             save_steps=self.save_freq,
             save_total_limit=self.num_checkpoint_limit,
@@ -131,8 +138,12 @@ class DDPOTrainer(DiffusionNFTTrainer):
       `[B, 3, H, W]` in [0, 1], `rewards` a tensor, array or list with one value per image.
     - `prompt_function() -> (prompt, prompt_metadata)`: called once per prompt group, up front.
     - `image_samples_hook(prompt_image_data, global_step, tracker)`: called after each rollout with
-      `[[images, prompts, prompt_metadata, rewards, reward_metadata]]`; `tracker` is accelerate's tracker for
-      `log_with` (`None` when nothing is logged).
+      `[[images, prompts, prompt_metadata, rewards, reward_metadata]]`; `tracker` is the first of `log_with`'s
+      trackers, started (`None` when nothing is logged).
+
+    `log_with`'s trackers are set up as DDPO's `Accelerator` set them up, on `self.accelerator`: its `trackers`, `log`,
+    `get_tracker` and `end_training` work on them, and the trainer's logs (reward, loss, ...) reach them
+    (docs/ddpo_migration.md, "Trackers").
     """
 
     def __init__(
@@ -143,6 +154,7 @@ class DDPOTrainer(DiffusionNFTTrainer):
         sd_pipeline: DefaultDDPOStableDiffusionPipeline | StableDiffusionPipeline,
         image_samples_hook: Callable | None = None,
     ):
+        _check_log_with(config.log_with)
         args = config.to_nft_config()
         self._ddpo_reward_function, self._image_samples_hook = reward_function, image_samples_hook
         self._sample_batches: list[list] = []  # what DDPO handed to image_samples_hook: one entry per batch
@@ -158,7 +170,32 @@ class DDPOTrainer(DiffusionNFTTrainer):
 
         reward.__name__ = getattr(reward_function, "__name__", "reward")  # metrics are named after the function
         super().__init__(model=pipeline, reward_funcs=reward, args=args, train_dataset=dataset)
-        self._tracker = _accelerate_tracker(config, args.output_dir)
+        self._tracker = self._init_trackers(config)
+
+    def _init_trackers(self, config: DDPOConfig) -> GeneralTracker | None:
+        """Start `log_with`'s trackers as DDPO did (`Accelerator(log_with=..., project_config=...)`, then
+        `init_trackers(tracker_project_name, init_kwargs=tracker_kwargs)` on the main process) and return the one
+        `image_samples_hook` gets."""
+        if config.log_with is None:
+            return None
+        # transformers builds the Trainer's Accelerator without trackers; give it what DDPO's had. DDPO required a
+        # logging directory for TensorBoard and the like; without one they log under `output_dir`. Nothing else in
+        # the Trainer's Accelerator reads `logging_dir`.
+        logging_dir = _project_configuration(config).logging_dir or self.args.output_dir
+        self.accelerator.project_configuration.logging_dir = logging_dir
+        self.accelerator.log_with = filter_trackers(config.log_with, logging_dir)
+        self.accelerator.init_trackers(config.tracker_project_name, init_kwargs=config.tracker_kwargs)
+        hyperparameters = _hyperparameters(config)
+        for tracker in self.accelerator.trackers:
+            # As DDPO stored them: flat for TensorBoard (its hparams take no nesting), under one key for the others.
+            nested = tracker.name != "tensorboard"
+            tracker.store_init_configuration({"ddpo_trainer_config": hyperparameters} if nested else hyperparameters)
+        self.add_callback(_TrackersCallback(self.accelerator))
+        if self.accelerator.trackers:
+            return self.accelerator.trackers[0]  # what DDPO handed to the hook
+        # accelerate keeps trackers on the main process only; elsewhere the hook gets one that discards everything,
+        # so that a hook written for one process runs unchanged on all of them.
+        return None if self.accelerator.is_main_process else _DiscardingTracker()
 
     def _score_with_ddpo_reward(self, images, prompts, ddpo_prompt_index) -> list[float]:
         pixels = to_tensor(images)
@@ -184,14 +221,76 @@ class DDPOTrainer(DiffusionNFTTrainer):
         return rollout
 
 
-def _accelerate_tracker(config: DDPOConfig, output_dir: str):
-    """The tracker object DDPO handed to `image_samples_hook` (accelerate's own tracker classes)."""
-    if config.log_with == "tensorboard":
-        from accelerate.tracking import TensorBoardTracker
+class _TrackersCallback(TrainerCallback):
+    """Sends the trainer's logs (reward, loss, ...) to the accelerator's trackers at the optimizer step, as DDPO's
+    `accelerator.log(..., step=global_step)` did (on the main process)."""
 
-        return TensorBoardTracker(config.tracker_project_name, os.path.join(output_dir, "ddpo_images"))
-    if config.log_with == "wandb":
-        from accelerate.tracking import WandBTracker
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
 
-        return WandBTracker(config.tracker_project_name, **config.tracker_kwargs.get("wandb", {}))
-    return None
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.accelerator.log(logs, step=state.global_step)
+
+
+class _DiscardingTracker(GeneralTracker):
+    """The hook's tracker on processes other than the main one: every call is accepted and dropped."""
+
+    name = "discarding"
+    requires_logging_directory = False
+    tracker = None
+
+    def log_images(self, values: dict, step: int | None = None, **kwargs):
+        pass
+
+
+def _project_configuration(config: DDPOConfig) -> ProjectConfiguration:
+    """The `ProjectConfiguration` DDPO's `Accelerator` had: `project_kwargs`, with `accelerator_kwargs["project_dir"]`
+    as `project_dir` (and so as `logging_dir`) where `project_kwargs` sets none, as `Accelerator(project_dir=...)`
+    does."""
+    project = ProjectConfiguration(**config.project_kwargs)
+    if project.project_dir is None and config.accelerator_kwargs.get("project_dir") is not None:
+        project.set_directories(config.accelerator_kwargs["project_dir"])
+    return project
+
+
+def _check_log_with(log_with) -> None:
+    """A `ValueError` naming `log_with` for what accelerate would reject (an unknown name) or drop without a word (a
+    tracker whose package is not installed)."""
+    if log_with is None:
+        return
+    names = LoggerType.list() + [name for name in LOGGER_TYPE_TO_CLASS if name not in LoggerType.list()]
+    for entry in log_with if isinstance(log_with, list | tuple) else [log_with]:
+        if isinstance(entry, GeneralTracker):
+            continue
+        if entry not in LoggerType and str(entry) not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(
+                f"log_with={log_with!r}: {entry!r} is not a tracker. Use one of {', '.join(names)}, a list of them, "
+                "or instances of `accelerate.tracking.GeneralTracker`."
+            )
+        if entry in LoggerType and LoggerType(entry) not in [LoggerType.ALL, *get_available_trackers()]:
+            raise ValueError(f"log_with={log_with!r}: {str(entry)!r} is not installed; `pip install {entry}`.")
+
+
+def _hyperparameters(config: DDPOConfig) -> dict:
+    """`config` as DDPO's `to_dict()` gave it to the trackers (nested dicts flattened to `parent/child` keys), with
+    values TensorBoard's hparams take: lists as comma-separated strings, trackers by name, other objects as `str`."""
+
+    def loggable(item):
+        if item is None or isinstance(item, bool | int | float | str):
+            return item
+        if isinstance(item, list | tuple):
+            return ", ".join(str(loggable(element)) for element in item)
+        return item.name if isinstance(item, GeneralTracker) else str(item)
+
+    hyperparameters = {}
+
+    def add(key: str, item) -> None:
+        if isinstance(item, dict):
+            for name, child in item.items():
+                add(f"{key}/{name}", child)
+        else:
+            hyperparameters[key] = loggable(item)
+
+    for config_field in fields(config):
+        add(config_field.name, getattr(config, config_field.name))
+    return hyperparameters

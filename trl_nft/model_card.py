@@ -1,11 +1,14 @@
 """The Hub model card of a DiffusionNFT run, made for diffusers: a LoRA (or denoiser) that `load_lora_weights` loads,
 with the rewards it reached, the settings that produced it, sample images and the citations."""
 
+import json
 import os
 import textwrap
 
 import yaml
 from PIL import Image
+
+from .embedded import EMBEDDED_MODELS
 
 
 TAGS = ["trl", "trl-nft", "diffusion-nft", "lora", "diffusers", "text-to-image"]
@@ -56,12 +59,46 @@ def final_reward_values(log_history: list[dict]) -> dict[str, float]:
     return values
 
 
+def usage_code(
+    base: str,
+    weights: str,
+    *,
+    is_lora: bool = True,
+    denoiser_name: str = "transformer",
+    prompt: str = "a photo of a cat",
+    call_kwargs: dict | None = None,
+) -> str:
+    """The model card's usage example, runnable as written: load the base model (`base`: a Hub id, a local folder, or
+    an embedded model, which trl-nft builds), add the trained weights from `weights` (a Hub id or a folder), generate."""
+    device = 'device = "cuda" if torch.cuda.is_available() else "cpu"'
+    if base in EMBEDDED_MODELS:  # no diffusers folder to load: trl-nft builds it, in float32
+        imports = "import torch\n\nfrom trl_nft import load_pipeline"
+        load = f'pipeline = load_pipeline("{base}").to(device)  # an embedded model, built by trl-nft'
+    else:
+        imports = "import torch\nfrom diffusers import DiffusionPipeline"
+        dtype = 'torch.bfloat16 if device == "cuda" else torch.float32'
+        load = f'pipeline = DiffusionPipeline.from_pretrained("{base}", torch_dtype={dtype}).to(device)'
+    if is_lora:
+        add = f'pipeline.load_lora_weights("{weights}")'
+    else:
+        add = (
+            f'pipeline.{denoiser_name} = pipeline.{denoiser_name}.from_pretrained("{weights}", '
+            f'subfolder="{denoiser_name}", torch_dtype=pipeline.dtype).to(device)'
+        )
+    # `prompt=` by name: not every pipeline takes it first (FLUX.2-klein's first argument is an image).
+    arguments = [f"prompt={json.dumps(prompt, ensure_ascii=False)}"]
+    arguments += [f"{key}={value!r}" for key, value in (call_kwargs or {}).items()]
+    return f"{imports}\n\n{device}\n{load}\n{add}\nimage = pipeline({', '.join(arguments)}).images[0]"
+
+
 def write_model_card(
     output_dir: str,
     *,
     model_id: str,
     title: str | None = None,
     base_model: str | None,
+    base_model_path: str | None = None,
+    weights_location: str | None = None,
     pipeline_class: str,
     reward_names: list[str],
     rewards: dict[str, float],
@@ -70,11 +107,15 @@ def write_model_card(
     citation: str,
     is_lora: bool = True,
     denoiser_name: str = "transformer",
+    call_kwargs: dict | None = None,
     tags: list[str] | None = None,
 ) -> str:
     """Write `output_dir/README.md` (and the sample images to `output_dir/images/`); return the card's text.
-    `model_id` is where users load the weights from (the Hub id, or the folder), `title` the heading (default:
-    `model_id`)."""
+
+    `model_id` names the model (the Hub id, or the folder's name) and `title` the heading (default: `model_id`);
+    `base_model` is the base's Hub id or embedded name (None for a local folder, then `base_model_path`), and
+    `weights_location` where the usage example loads the trained weights from (default: `model_id`). `call_kwargs` are
+    the example's pipeline arguments (steps, guidance)."""
     os.makedirs(os.path.join(output_dir, "images"), exist_ok=True)
     widget = []
     for i, (image, prompt) in enumerate(samples):
@@ -88,15 +129,16 @@ def write_model_card(
         "tags": list(dict.fromkeys(TAGS + (tags or []) + ([] if is_lora else ["full-fine-tune"]))),
         **({"widget": widget} if widget else {}),
     }
-    base = base_model or "<base model>"
-    base_link = f"[{base}](https://huggingface.co/{base})" if base.count("/") == 1 else f"`{base}`"
-    if is_lora:
-        load = f'pipeline.load_lora_weights("{model_id}")'
-    else:
-        load = (
-            f'pipeline.{denoiser_name} = pipeline.{denoiser_name}.from_pretrained("{model_id}", '
-            f'subfolder="{denoiser_name}", torch_dtype=torch.bfloat16)'
-        )
+    base = base_model or base_model_path or "<base model>"
+    base_link = f"[{base}](https://huggingface.co/{base})" if base_model and base.count("/") == 1 else f"`{base}`"
+    usage = usage_code(
+        base,
+        weights_location or model_id,
+        is_lora=is_lora,
+        denoiser_name=denoiser_name,
+        prompt=samples[0][1] if samples else "a photo of a cat",
+        call_kwargs=call_kwargs,
+    )
     reward_rows = "\n".join(f"| `{key}` | {value:.4g} |" for key, value in rewards.items()) or "| - | - |"
     setting_rows = "\n".join(f"| `{key}` | `{settings[key]}` |" for key in KEY_SETTINGS if key in settings)
     sample_rows = "\n".join(
@@ -114,15 +156,10 @@ It is a diffusers {pipeline_class} {"LoRA" if is_lora else "component"}: load it
 ## Usage
 
 ```python
-import torch
-from diffusers import DiffusionPipeline
-
-pipeline = DiffusionPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")
-{load}
-image = pipeline("a photo of a cat", num_inference_steps=40, guidance_scale=1.0).images[0]
+{usage}
 ```
 
-DiffusionNFT trains the model to sample without classifier-free guidance (`guidance_scale=1.0`).
+DiffusionNFT trains the model to sample without classifier-free guidance; the example samples as the run did.
 
 ## Rewards
 

@@ -36,16 +36,25 @@ class NFTConfig(TrainingArguments):
     num_inference_steps (`int`, *optional*, defaults to `10`):
         Sampler steps per rollout. The training times are the rollout's own time grid.
     guidance_scale (`float`, *optional*, defaults to `1.0`):
-        Classifier-free guidance scale of the rollouts. `1.0` samples CFG-free, as DiffusionNFT is designed to.
+        Guidance scale of the rollouts, as the model family understands it (docs/models.md): classifier-free guidance
+        for SD3, SD1.x, SDXL, FLUX.2-klein base, Z-Image and Qwen-Image (its `true_cfg_scale`), where `1.0` samples
+        CFG-free, as DiffusionNFT is designed to; the guidance embedding of a guidance-distilled FLUX.1-dev, which the
+        training forwards take too; step-distilled models (FLUX.1-schnell, FLUX.2-klein) take none (only `1.0`).
+        Training itself is always CFG-free.
     resolution (`int` or `None`, *optional*, defaults to `None`):
         Side of the square images, in pixels. `None` uses the model's native resolution; the paper uses 512.
-    sampler (`str` or `diffusers.SchedulerMixin`, *optional*, defaults to `"DPMSolverMultistepScheduler"`):
-        Rollout sampler: a diffusers scheduler class name or instance. The default is DPM-Solver++(2M), the 2nd-order
-        deterministic multistep solver of the paper. Non-flow-matching classes are switched to flow sigmas.
+    sampler (`str`, `diffusers.SchedulerMixin` or `None`, *optional*, defaults to `None`):
+        Rollout sampler: a diffusers scheduler class name or instance. `None` takes the model family's default, a
+        2nd-order deterministic multistep solver as in the paper: DPM-Solver++(2M) (`"DPMSolverMultistepScheduler"`),
+        or UniPC (`"UniPCMultistepScheduler"`) for Qwen-Image and Z-Image, whose pipelines DPM-Solver cannot follow.
+        Non-flow-matching
+        classes are switched to flow sigmas.
     sampler_kwargs (`dict` or `None`, *optional*, defaults to `None`):
         Overrides of the sampler's config, e.g. `{"solver_order": 1}` for a 1st-order solver.
     max_sequence_length (`int`, *optional*, defaults to `128`):
-        Maximum T5 prompt length in tokens (SD3), capped at the `model_max_length` of the model's T5 tokenizer.
+        Maximum prompt length in tokens of the family's long text encoder (T5 for SD3 and FLUX.1, Qwen2.5-VL for
+        Qwen-Image, Qwen3 for FLUX.2-klein and Z-Image), capped at what its tokenizer and pipeline take; CLIP-only
+        families (SD1.x, SDXL) ignore it. FLUX.1 and FLUX.2-klein pad every prompt to it.
 
     > Parameters that control the rewards
 
@@ -169,18 +178,28 @@ class NFTConfig(TrainingArguments):
         },
     )
     num_inference_steps: int = field(default=10, metadata={"help": "Sampler steps per rollout."})
-    guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale of the rollouts; 1.0 is CFG-free."})
+    guidance_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Guidance scale of the rollouts: CFG (1.0 is CFG-free), or FLUX.1-dev's guidance embedding."
+        },
+    )
     resolution: int | None = field(default=None, metadata={"help": "Image side in pixels; None: the model's own."})
-    sampler: str = field(
-        default="DPMSolverMultistepScheduler",
-        metadata={"help": "Rollout sampler: a diffusers scheduler class name (or an instance, from Python)."},
+    sampler: str | None = field(
+        default=None,
+        metadata={
+            "help": "Rollout sampler: a diffusers scheduler class name (or an instance, from Python); None: the model "
+            "family's default (DPMSolverMultistepScheduler; UniPCMultistepScheduler for Qwen-Image and Z-Image)."
+        },
     )
     sampler_kwargs: dict | str | None = field(
         default=None, metadata={"help": "Overrides of the sampler config, e.g. '{\"solver_order\": 1}'."}
     )
     max_sequence_length: int = field(
         default=128,
-        metadata={"help": "Maximum T5 prompt length in tokens (SD3), capped at the T5 tokenizer's model_max_length."},
+        metadata={
+            "help": "Maximum prompt length in tokens of the long text encoder (T5, Qwen2.5-VL), capped by its tokenizer."
+        },
     )
 
     # Rewards
@@ -319,7 +338,7 @@ class NFTConfig(TrainingArguments):
     def to_dict(self) -> dict:
         # A scheduler instance given as `sampler` is logged by its class name (loggers need JSON).
         config = super().to_dict()
-        if not isinstance(config["sampler"], str):
+        if config["sampler"] is not None and not isinstance(config["sampler"], str):
             config["sampler"] = type(config["sampler"]).__name__
         return config
 

@@ -27,8 +27,9 @@ from transformers import Trainer, TrainerCallback, set_seed
 from trl.trainer.utils import RepeatSampler
 
 from .callbacks import EarlyStoppingAtRewardCallback, RewardHackingGuardCallback, SampleLoggingCallback
+from .embedded import EMBEDDED_MODELS
 from .model_card import final_reward_values, write_model_card
-from .models import EMBEDDED_MODELS, get_adapter, load_pipeline, resolve_model_name
+from .models import get_adapter, load_pipeline, resolve_model_name
 from .nft_config import NFTConfig
 from .objective import (
     ema_decay,
@@ -71,8 +72,9 @@ class DiffusionNFTTrainer(Trainer):
 
     Args:
         model (`str` or `diffusers.DiffusionPipeline`):
-            A Hub id, a local folder, a pipeline instance, a name such as `"sd3.5-medium"` (`MODEL_ALIASES`), or an
-            embedded model: `"tiny-sd3"`, `"tiny-sd"`, `"tiny-sdxl"` (tiny random pipelines built offline).
+            A Hub id, a local folder, a pipeline instance, a name such as `"sd3.5-medium"` or `"flux-dev"`
+            (`MODEL_ALIASES`), or an embedded model (`EMBEDDED_MODELS`): `"tiny-sd3"`, `"tiny-flux"`,
+            `"tiny-qwen-image"`, ... (tiny random pipelines built offline) or `"digits-sd3"` (pretrained, shipped).
         reward_funcs (`str`, callable, or a list of them):
             Reward functions `f(images, prompts, **kwargs) -> list[float | None]` (see `trl_nft.rewards`), reward
             objects such as `get_reward("clip_score", checkpoint=...)`, or names of registered rewards such as
@@ -152,9 +154,11 @@ class DiffusionNFTTrainer(Trainer):
         # The pipeline: frozen weights in the mixed-precision dtype, trained weights in float32.
         weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         self.pipeline = load_pipeline(model, torch_dtype=weight_dtype)
-        self.base_model_id = _base_model_id(model, self.pipeline)  # for the model card
+        self.base_model_id, self.base_model_path = _base_model(model, self.pipeline)  # for the model card
         self.pipeline.set_progress_bar_config(disable=True)
-        self.adapter = get_adapter(self.pipeline, max_sequence_length=args.max_sequence_length)
+        self.adapter = get_adapter(
+            self.pipeline, guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length
+        )
         self.resolution = args.resolution or self.adapter.default_resolution()
         self.adapter.check_resolution(self.resolution)
         self.adapter.set_sampler(args.sampler, args.sampler_kwargs)
@@ -372,8 +376,7 @@ class DiffusionNFTTrainer(Trainer):
         the next one is sampled) the rewards are exactly those of the sequential order."""
         prompts = [row["prompt"] for row in rows]
         position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
-        cfg = self.args.guidance_scale > 1.0
-        encoded = self.adapter.encode_prompts(list(position), negative=cfg)
+        encoded = self.adapter.encode_prompts(list(position))
         index = torch.tensor([position[p] for p in prompts], device=self.accelerator.device)
         conditioning = {key: value[index] for key, value in encoded.items()}
         latents, images, scored = [], [], []
@@ -394,7 +397,6 @@ class DiffusionNFTTrainer(Trainer):
                 rollout = self.adapter.sample(
                     {key: value[chunk] for key, value in conditioning.items()},
                     num_inference_steps,
-                    self.args.guidance_scale,
                     self.resolution,
                     generator,
                 )
@@ -408,8 +410,8 @@ class DiffusionNFTTrainer(Trainer):
                 else:
                     scored.append(score(chunk_images, rows[chunk]))
             rewards_per_func = torch.cat([r.result() if isinstance(r, Future) else r for r in scored])
-        if cfg:  # training is CFG-free: only the conditional embeddings are kept
-            conditioning = {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
+        # Training is CFG-free: only the conditional embeddings are kept.
+        conditioning = {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
         return conditioning, torch.cat(latents), rollout.sigmas, images, rewards_per_func
 
     def _decode_to_pil(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -692,11 +694,16 @@ class DiffusionNFTTrainer(Trainer):
         first_of_each_prompt = {}  # one sample per prompt: the first image of each group
         for i, prompt in enumerate(prompts):
             first_of_each_prompt.setdefault(prompt, i)
+        # The usage example samples as the run did: its steps, its size, its guidance.
+        steps = self.args.eval_num_inference_steps or self.args.num_inference_steps
+        size = {"height": self.resolution, "width": self.resolution}
         write_model_card(
             output_dir,
             model_id=self.args.hub_model_id or os.path.basename(os.path.normpath(output_dir)),
             title=model_name,
             base_model=self.base_model_id,
+            base_model_path=self.base_model_path,
+            weights_location=self.args.hub_model_id or os.path.normpath(output_dir),
             pipeline_class=type(self.pipeline).__name__,
             reward_names=self.reward_func_names,
             rewards=final_reward_values(self.state.log_history),
@@ -705,6 +712,7 @@ class DiffusionNFTTrainer(Trainer):
             citation=self._paper["citation"],
             is_lora=self.use_lora,
             denoiser_name=self.adapter.denoiser_name,
+            call_kwargs={"num_inference_steps": steps, **size, **self.adapter.pipeline_guidance()},
             tags=tags,
         )
 
@@ -792,12 +800,14 @@ def _eval_mode(module: torch.nn.Module):
         module.train(training)
 
 
-def _base_model_id(model: str | DiffusionPipeline, pipeline: DiffusionPipeline) -> str | None:
-    """The base model's Hub id (or embedded name) for the model card; None for a local folder."""
+def _base_model(model: str | DiffusionPipeline, pipeline: DiffusionPipeline) -> tuple[str | None, str | None]:
+    """The base model for the model card: its Hub id (or embedded name), else the local folder it was loaded from."""
     name = resolve_model_name(model) if isinstance(model, str) else getattr(pipeline, "name_or_path", None)
-    if not name or (name not in EMBEDDED_MODELS and (os.path.isdir(name) or name.count("/") != 1)):
-        return None
-    return name
+    if not name:
+        return None, None
+    if name not in EMBEDDED_MODELS and os.path.isdir(name):
+        return None, os.path.abspath(name)
+    return (name, None) if name in EMBEDDED_MODELS or name.count("/") == 1 else (None, None)
 
 
 @torch.no_grad()

@@ -23,8 +23,8 @@ from transformers import TrainerCallback
 
 from trl_nft import DiffusionNFTTrainer, NFTConfig
 from trl_nft.callbacks import RewardHackingGuardCallback
-from trl_nft.models import model_preset
-from trl_nft.models.digits import digit_prompts
+from trl_nft.embedded import model_preset
+from trl_nft.prompts.digits import digit_prompts
 from trl_nft.rewards import get_reward
 
 
@@ -32,7 +32,8 @@ from trl_nft.rewards import get_reward
 # arguments (model, reward, prompts) and output settings are this script's own.
 PRESET = model_preset("digits-sd3")
 SCRIPT_KEYS = {"model_name_or_path", "reward", "dataset", "eval_dataset", "output_dir", "max_steps", "eval_steps"}
-SCRIPT_KEYS |= {"eval_strategy", "logging_steps", "save_steps", "sample_logging_steps", "report_to", "seed"}
+SCRIPT_KEYS |= {"eval_strategy", "eval_on_start", "logging_steps", "save_steps", "sample_logging_steps", "report_to"}
+SCRIPT_KEYS |= {"seed"}
 
 
 def preset_settings() -> dict:

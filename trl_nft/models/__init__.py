@@ -1,44 +1,33 @@
-"""Model loading and the registry of model-family adapters."""
+"""The model families: one small adapter per family (`DiffusionAdapter` subclasses, selected by the pipeline's class),
+the names users can type for their checkpoints, and model loading. Embedded models live in `trl_nft.embedded`."""
 
 import difflib
-import importlib.resources as resources
 import os
 
 import torch
 from diffusers import DiffusionPipeline
 
+from ..embedded import EMBEDDED_MODELS
 from .base import DiffusionAdapter, Rollout
-from .digits import load_digits_sd3
-from .digits_sd import load_digits_sd
+from .flux import FluxAdapter
+from .flux2_klein import Flux2KleinAdapter
+from .qwen_image import QwenImageAdapter
 from .sd import StableDiffusionAdapter
 from .sd3 import SD3Adapter
 from .sdxl import StableDiffusionXLAdapter
-from .tiny import TINY_SD3_RESOLUTION, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
+from .z_image import ZImageAdapter
 
 
 #: Adapters by model family, looked up by the pipeline's class.
-ADAPTERS: list[type[DiffusionAdapter]] = [SD3Adapter, StableDiffusionAdapter, StableDiffusionXLAdapter]
-
-#: Names that build a pipeline offline instead of loading one.
-EMBEDDED_MODELS = {
-    "tiny-sd3": build_tiny_sd3,
-    "tiny-sd": build_tiny_sd,
-    "tiny-sdxl": build_tiny_sdxl,
-    # A pretrained 16 px SD3 on scikit-learn's handwritten digits, shipped in the package (`models/digits.py`).
-    "digits-sd3": load_digits_sd3,
-    "digits-sd": load_digits_sd,  # its SD1.x counterpart, for the DDPO comparison (`models/digits_sd.py`)
-}
-
-#: Training settings that make a short run learn visibly on an embedded pretrained model, in the package's `presets/`:
-#: `trl nft --model NAME` starts from them when no `--config` is given (flags still override any of them).
-MODEL_PRESETS = {"digits-sd3": "digits_sd3.yaml"}
-
-
-def model_preset(model: str) -> str | None:
-    """The path of `model`'s preset file (`MODEL_PRESETS`), or None when it has none."""
-    if model not in MODEL_PRESETS:
-        return None
-    return str(resources.files("trl_nft").joinpath("presets", MODEL_PRESETS[model]))
+ADAPTERS: list[type[DiffusionAdapter]] = [
+    SD3Adapter,
+    FluxAdapter,
+    QwenImageAdapter,
+    StableDiffusionAdapter,
+    StableDiffusionXLAdapter,
+    Flux2KleinAdapter,
+    ZImageAdapter,
+]
 
 
 #: Short names a user can type for the supported families' Hub checkpoints.
@@ -46,6 +35,13 @@ MODEL_ALIASES = {
     "sd3.5-medium": "stabilityai/stable-diffusion-3.5-medium",
     "sd3.5-large": "stabilityai/stable-diffusion-3.5-large",
     "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+    "flux-dev": "black-forest-labs/FLUX.1-dev",
+    "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+    "qwen-image": "Qwen/Qwen-Image",
+    "flux2-klein-4b": "black-forest-labs/FLUX.2-klein-4B",
+    "flux2-klein-base-4b": "black-forest-labs/FLUX.2-klein-base-4B",
+    "z-image-turbo": "Tongyi-MAI/Z-Image-Turbo",
+    "z-image": "Tongyi-MAI/Z-Image",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd2.1": "stabilityai/stable-diffusion-2-1",
@@ -93,21 +89,17 @@ def get_adapter(pipeline: DiffusionPipeline, **kwargs) -> DiffusionAdapter:
 
 __all__ = [
     "ADAPTERS",
-    "EMBEDDED_MODELS",
     "MODEL_ALIASES",
-    "MODEL_PRESETS",
-    "TINY_SD3_RESOLUTION",
     "DiffusionAdapter",
+    "Flux2KleinAdapter",
+    "FluxAdapter",
+    "QwenImageAdapter",
     "Rollout",
     "SD3Adapter",
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
-    "build_tiny_sd",
-    "build_tiny_sd3",
-    "build_tiny_sdxl",
-    "load_digits_sd3",
+    "ZImageAdapter",
     "get_adapter",
     "load_pipeline",
-    "model_preset",
     "resolve_model_name",
 ]

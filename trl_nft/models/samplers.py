@@ -18,19 +18,23 @@ def build_sampler(
     model (`flow=True`), a flow-matching class (`FlowMatch*`) samples the flow as it is, and any other class that
     supports flow sigmas (DPM-Solver++, UniPC, DEIS, SA-Solver, ...) is switched to `use_flow_sigmas=True,
     prediction_type="flow_prediction"` with the model's shift. For a VP model (`flow=False`), flow-matching classes are
-    refused. `sampler_kwargs` override the resulting config (e.g. `{"solver_order": 1}`).
+    refused. A model whose schedule shifts with the image size (FLUX.1, Qwen-Image: `use_dynamic_shifting`, the
+    pipeline passes `mu`) needs a class that takes `mu`. `sampler_kwargs` override the resulting config (e.g.
+    `{"solver_order": 1}`).
     """
     if isinstance(sampler, SchedulerMixin):
         if sampler_kwargs:
             raise ValueError(
                 "sampler_kwargs only apply to a sampler given by class name; configure the instance itself."
             )
+        _check_dynamic_shifting(type(sampler), base_scheduler)
         return sampler
     scheduler_class = getattr(diffusers, sampler, None)
     if not (inspect.isclass(scheduler_class) and issubclass(scheduler_class, SchedulerMixin)):
         raise ValueError(
             f"sampler={sampler!r} is not a diffusers scheduler class (e.g. 'DPMSolverMultistepScheduler')."
         )
+    _check_dynamic_shifting(scheduler_class, base_scheduler)
     config, kwargs = dict(base_scheduler.config), {}
     if not flow:
         if sampler.startswith("FlowMatch"):
@@ -47,3 +51,14 @@ def build_sampler(
             "flow_shift": config.pop("shift", 1.0),
         }
     return scheduler_class.from_config(config, **kwargs, **(sampler_kwargs or {}))
+
+
+def _check_dynamic_shifting(scheduler_class: type[SchedulerMixin], base_scheduler: SchedulerMixin) -> None:
+    if not base_scheduler.config.get("use_dynamic_shifting", False):
+        return
+    if "mu" not in inspect.signature(scheduler_class.set_timesteps).parameters:
+        raise ValueError(
+            f"sampler={scheduler_class.__name__!r} cannot sample this model: its noise schedule shifts with the image "
+            "size (the pipeline passes `mu`), which this scheduler does not take. Use FlowMatchEulerDiscreteScheduler, "
+            "DPMSolverMultistepScheduler, UniPCMultistepScheduler or DEISMultistepScheduler."
+        )

@@ -21,8 +21,9 @@ class StableDiffusionAdapter(DiffusionAdapter):
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     is_flow = False
 
-    def __init__(self, pipeline: StableDiffusionPipeline, max_sequence_length: int | None = None):
-        super().__init__(pipeline)  # CLIP prompts have a fixed length (77): max_sequence_length does not apply
+    def __init__(self, pipeline: StableDiffusionPipeline, guidance_scale: float = 1.0, max_sequence_length: int = 128):
+        # CLIP prompts have a fixed length (77): max_sequence_length does not apply
+        super().__init__(pipeline, guidance_scale, max_sequence_length)
         if getattr(pipeline, "unet", None) is None:
             raise ValueError(f"{type(pipeline).__name__} has no UNet (`pipeline.unet` is None); load a full pipeline.")
         # The model scheduler's alphas_cumprod define the VP noise levels.
@@ -41,18 +42,21 @@ class StableDiffusionAdapter(DiffusionAdapter):
             )
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], negative: bool) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, negative_embeds = self.pipeline.encode_prompt(
-            prompts, device=self.denoiser.device, num_images_per_prompt=1, do_classifier_free_guidance=negative
+            prompts,
+            device=self.denoiser.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=self.classifier_free_guidance,
         )
         conditioning = {"prompt_embeds": embeds}
-        if negative:
+        if self.classifier_free_guidance:
             conditioning["negative_prompt_embeds"] = negative_embeds
         return conditioning
 
     @torch.no_grad()
-    def sample(self, conditioning, num_inference_steps, guidance_scale, resolution, generator) -> Rollout:
-        latents = self._pipeline_latents(conditioning, num_inference_steps, guidance_scale, resolution, generator)
+    def sample(self, conditioning, num_inference_steps, resolution, generator) -> Rollout:
+        latents = self._pipeline_latents(conditioning, num_inference_steps, resolution, generator)
         timesteps = torch.unique(self.pipeline.scheduler.timesteps.long(), sorted=True).flip(0)
         alphas, sigmas = self._alpha_sigma(timesteps)
         return Rollout(latents=latents, sigmas=vp_flow_time(alphas, sigmas).to(latents.device))
@@ -82,11 +86,6 @@ class StableDiffusionAdapter(DiffusionAdapter):
     def _unet_kwargs(self, conditioning: dict[str, torch.Tensor], latents: torch.Tensor) -> dict:
         """Keyword arguments of the UNet call beyond `(sample, timestep, encoder_hidden_states)`; SDXL adds some."""
         return {}
-
-    def save_lora_weights(self, output_dir, lora_state_dict, adapter_metadata) -> None:
-        self.pipeline_classes[0].save_lora_weights(
-            output_dir, unet_lora_layers=lora_state_dict, unet_lora_adapter_metadata=adapter_metadata
-        )
 
     def _alpha_sigma(self, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alphas_cumprod = self.model_scheduler.alphas_cumprod.to(torch.float64)[timesteps.cpu()]

@@ -4,26 +4,19 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from torch import nn
 
-from .base import DiffusionAdapter, Rollout
+from .base import MMDIT_ATTENTION_TARGETS, DiffusionAdapter, Rollout
 
 
 class SD3Adapter(DiffusionAdapter):
     pipeline_classes = (StableDiffusion3Pipeline,)
     denoiser_name = "transformer"
     # The released DiffusionNFT code targets exactly these projections of the joint attention blocks.
-    lora_target_modules = (
-        "attn.to_q",
-        "attn.to_k",
-        "attn.to_v",
-        "attn.to_out.0",
-        "attn.add_q_proj",
-        "attn.add_k_proj",
-        "attn.add_v_proj",
-        "attn.to_add_out",
-    )
+    lora_target_modules = MMDIT_ATTENTION_TARGETS
 
-    def __init__(self, pipeline: StableDiffusion3Pipeline, max_sequence_length: int = 128):
-        super().__init__(pipeline)
+    def __init__(
+        self, pipeline: StableDiffusion3Pipeline, guidance_scale: float = 1.0, max_sequence_length: int = 128
+    ):
+        super().__init__(pipeline, guidance_scale, max_sequence_length)
         # Never pad prompts past the length the model's T5 tokenizer declares: a small model (`digits-sd3`) saves a
         # short one, because every padding token is attended to by every block.
         t5_tokenizer = pipeline.tokenizer_3
@@ -46,35 +39,27 @@ class SD3Adapter(DiffusionAdapter):
             )
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], negative: bool) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, negative_embeds, pooled, negative_pooled = self.pipeline.encode_prompt(
             prompt=prompts,
             prompt_2=None,
             prompt_3=None,
             device=self.denoiser.device,
-            do_classifier_free_guidance=negative,
+            do_classifier_free_guidance=self.classifier_free_guidance,
             max_sequence_length=self.max_sequence_length,
         )
         conditioning = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        if negative:
+        if self.classifier_free_guidance:
             conditioning.update(negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled)
         return conditioning
 
     @torch.no_grad()
-    def sample(self, conditioning, num_inference_steps, guidance_scale, resolution, generator) -> Rollout:
+    def sample(self, conditioning, num_inference_steps, resolution, generator) -> Rollout:
         latents = self._pipeline_latents(
-            conditioning,
-            num_inference_steps,
-            guidance_scale,
-            resolution,
-            generator,
-            max_sequence_length=self.max_sequence_length,
+            conditioning, num_inference_steps, resolution, generator, max_sequence_length=self.max_sequence_length
         )
-        scheduler = self.pipeline.scheduler
-        # The times at which the sampler queried the denoiser, as noise levels t in (0, 1] (the model's own
-        # conditioning, `timestep = 1000 t`). Second-order samplers such as Heun query some times twice.
-        sigmas = torch.unique(scheduler.timesteps.float() / scheduler.config.num_train_timesteps, sorted=True)
-        return Rollout(latents=latents, sigmas=sigmas.flip(0).to(latents.device))
+        # The denoiser was conditioned on `timestep = 1000 t` for each scheduler timestep: those are the flow times.
+        return Rollout(latents=latents, sigmas=self._visited_flow_times(latents.device))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -91,11 +76,3 @@ class SD3Adapter(DiffusionAdapter):
             pooled_projections=conditioning["pooled_prompt_embeds"],
             return_dict=False,
         )[0]
-
-    def save_lora_weights(self, output_dir, lora_state_dict, adapter_metadata) -> None:
-        StableDiffusion3Pipeline.save_lora_weights(
-            output_dir,
-            transformer_lora_layers=lora_state_dict,
-            transformer_lora_adapter_metadata=adapter_metadata,
-            safe_serialization=True,
-        )

@@ -16,15 +16,15 @@ class StableDiffusionXLAdapter(StableDiffusionAdapter):
     pipeline_classes = (StableDiffusionXLPipeline,)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str], negative: bool) -> dict[str, torch.Tensor]:
+    def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, negative_embeds, pooled, negative_pooled = self.pipeline.encode_prompt(
             prompt=prompts,
             device=self.denoiser.device,
             num_images_per_prompt=1,
-            do_classifier_free_guidance=negative,
+            do_classifier_free_guidance=self.classifier_free_guidance,
         )
         conditioning = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        if negative:
+        if self.classifier_free_guidance:
             conditioning.update(negative_prompt_embeds=negative_embeds, negative_pooled_prompt_embeds=negative_pooled)
         return conditioning
 

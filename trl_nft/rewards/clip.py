@@ -1,17 +1,117 @@
-"""CLIP-based rewards: CLIP score, the LAION aesthetic predictor, PickScore and HPS v2.1.
+"""CLIP-based rewards: CLIP score, the LAION aesthetic predictor, PickScore and HPS v2.1, and the image preprocessing
+of the CLIP family.
 
 `clip_score`, `aesthetic` and `pickscore` run a transformers `CLIPModel` (shared by `load_clip` when two rewards name
 the same checkpoint); `hpsv2` runs an open_clip model (the `hpsv2` extra).
+
+Each reward's images are preprocessed as its reference implementation preprocessed them, to the float32 rounding:
+`clip_processor_pixels` (transformers 4's `CLIPImageProcessor`: PickScore, DDPO's aesthetic scorer, CLIP score),
+`openai_clip_pixels` (OpenAI CLIP's torchvision transform: ImageReward, GenEval's colour classifier) and
+`hpsv2_pixels` (HPSv2's resize of the longer side and padding).
 """
 
 import functools
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from . import register_reward
 from .base import RewardModel, resolve_checkpoint, resolve_file
+
+
+# OpenAI CLIP's normalisation (open_clip's `OPENAI_DATASET_MEAN` and `OPENAI_DATASET_STD`).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _normalize(pixels: torch.Tensor, mean, std) -> torch.Tensor:
+    """`(pixels - mean) / std` per channel of a float32 `[3, H, W]` tensor (torchvision's `Normalize`)."""
+    return (pixels - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+def check_clip_image_processor(image_processor, checkpoint: str) -> None:
+    """A `ValueError` naming `checkpoint` unless its image processor is configured as CLIP's (resize of the shortest
+    edge, center crop, rescale, normalisation): the only configuration `clip_processor_pixels` reproduces."""
+    steps = ("do_resize", "do_center_crop", "do_rescale", "do_normalize")
+    if not all(getattr(image_processor, step) for step in steps) or not image_processor.size.get("shortest_edge"):
+        raise ValueError(
+            f"The image processor of {checkpoint!r} is not configured as CLIP's (size {image_processor.size}, "
+            + ", ".join(f"{step}={getattr(image_processor, step)}" for step in steps)
+            + '): give a CLIP processor (`size={"shortest_edge": ...}` and every step on) as processor_checkpoint.'
+        )
+
+
+def clip_processor_pixels(image_processor, images: list[Image.Image]) -> torch.Tensor:
+    """`pixel_values` `[B, 3, height, width]` (float32) of `images`, as transformers 4's `CLIPImageProcessor` computed
+    them with the settings of `image_processor` (a transformers CLIP image processor, see
+    `check_clip_image_processor`): PIL's conversion to RGB (alpha dropped), PIL resize (`resample`, bicubic for CLIP)
+    of the shorter side to `size["shortest_edge"]` and of the longer side to `int(shortest_edge * long / short)`,
+    center crop to `crop_size` (offsets rounded down; zero padding where the image is smaller), `* rescale_factor` in
+    float64 rounded to float32, `(x - image_mean) / image_std`.
+
+    This is what PickScore's, DDPO's and Flow-GRPO's scorers ran (transformers 4). Transformers 5 resizes with
+    torchvision (antialiased bicubic on tensors), which moves CLIP scores by about 1e-4, and composites transparent
+    images onto white.
+    """
+    shortest_edge = image_processor.size["shortest_edge"]
+    crop_height, crop_width = image_processor.crop_size["height"], image_processor.crop_size["width"]
+    pixel_values = []
+    for image in images:
+        image = image.convert("RGB")
+        width, height = image.size
+        longest_edge = int(shortest_edge * max(width, height) / min(width, height))
+        size = (shortest_edge, longest_edge) if width <= height else (longest_edge, shortest_edge)
+        # Resized even at the same size, as transformers did (PIL then returns a copy).
+        image = image.resize(size, image_processor.resample)
+        left, top = (size[0] - crop_width) // 2, (size[1] - crop_height) // 2
+        # PIL fills the part of the box outside the image with zeros, where transformers padded with zeros.
+        image = image.crop((left, top, left + crop_width, top + crop_height))
+        rescaled = (np.asarray(image, dtype=np.float64) * image_processor.rescale_factor).astype(np.float32)
+        pixels = torch.from_numpy(rescaled).permute(2, 0, 1)
+        pixel_values.append(_normalize(pixels, image_processor.image_mean, image_processor.image_std))
+    return torch.stack(pixel_values)
+
+
+def openai_clip_pixels(image: Image.Image, size: int) -> torch.Tensor:
+    """OpenAI CLIP's `_transform(size)` on one PIL image, as torchvision computes it (also open_clip's evaluation
+    transform for the `openai` weights, and ImageReward's): resize the shorter side to `size` (PIL bicubic, the longer
+    side to `int(size * long / short)`), center-crop `size` x `size` (offsets rounded), RGB, scale to [0, 1],
+    normalise with the CLIP mean and std. Returns `[3, size, size]` float32."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    resized = (size, int(size * long / short)) if width <= height else (int(size * long / short), size)
+    if resized != image.size:
+        image = image.resize(resized, Image.BICUBIC)
+    left, top = int(round((resized[0] - size) / 2.0)), int(round((resized[1] - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size)).convert("RGB")
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
+    return _normalize(pixels, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+
+
+def hpsv2_pixels(image: Image.Image, size: int, mean, std) -> torch.Tensor:
+    """HPSv2's evaluation preprocessing of one PIL image (`image_transform(size, is_train=False,
+    resize_longest_max=True)` in tgxs002/HPSv2's `hpsv2/src/open_clip/transform.py`, used by its `score` and by
+    Flow-GRPO's `hpsv2_scorer.py`): RGB, to a float32 tensor in [0, 1], antialiased bicubic resize of the
+    tensor so that the longer side is `size` (each side to `round(side * size / long)`), zero padding to `size` x
+    `size` (`pad // 2` on the left and top, the rest on the right and bottom), normalisation with `mean` and `std`.
+    Returns `[3, size, size]`.
+
+    Two inputs on which HPSv2 fails are scored: an RGBA image (HPSv2 keeps its alpha as a fourth channel, which the
+    model cannot take) is converted to RGB like any other mode, and an image whose longer side is already `size` is
+    padded (HPSv2 skips the padding along with the resize, and the model fails on the non-square input).
+    """
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+    height, width = pixels.shape[1:]
+    scale = size / max(height, width)
+    resized = (round(height * scale), round(width * scale))
+    if resized != (height, width):
+        pixels = F.interpolate(pixels[None], size=resized, mode="bicubic", align_corners=False, antialias=True)[0]
+    pad_height, pad_width = size - resized[0], size - resized[1]
+    pixels = F.pad(pixels, (pad_width // 2, pad_width - pad_width // 2, pad_height // 2, pad_height - pad_height // 2))
+    return _normalize(pixels, mean, std)
 
 
 @functools.cache
@@ -23,13 +123,13 @@ def load_clip(checkpoint: str, processor_checkpoint: str, device: torch.device, 
 
     model = CLIPModel.from_pretrained(resolve_checkpoint(checkpoint, "CLIP"), dtype=dtype)
     processor = AutoProcessor.from_pretrained(resolve_checkpoint(processor_checkpoint, "CLIP processor"))
+    check_clip_image_processor(processor.image_processor, processor_checkpoint)
     return model.to(device).eval(), processor
 
 
 def clip_image_embeds(model, processor, images: list[Image.Image]) -> torch.Tensor:
-    """L2-normalised CLIP image embeddings `[B, projection_dim]` in float32."""
-    pixels = processor.image_processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
-    pixels = pixels["pixel_values"].to(model.device, model.dtype)
+    """L2-normalised CLIP image embeddings `[B, projection_dim]` in float32 (pixels from `clip_processor_pixels`)."""
+    pixels = clip_processor_pixels(processor.image_processor, images).to(model.device, model.dtype)
     embeds = model.visual_projection(model.vision_model(pixel_values=pixels).pooler_output).float()
     return embeds / embeds.norm(dim=-1, keepdim=True)
 
@@ -161,8 +261,9 @@ class AestheticScore(_CLIPReward):
 class HPSv2(RewardModel):
     """Human Preference Score v2.1 (Wu et al., 2023): an open_clip ViT-H/14 fine-tuned on HPD v2 human preferences;
     `R = <f_img / |f_img|, f_txt / |f_txt|>`, the diagonal of `image_features @ text_features.T` in
-    tgxs002/HPSv2's `img_score.py` (about 0.2-0.35 on real images). Images are preprocessed as HPSv2 does: to tensor,
-    bicubic resize of the shorter side, center crop, CLIP normalisation.
+    tgxs002/HPSv2's `img_score.py` (about 0.2-0.35 on real images). Images are preprocessed as HPSv2 does (see
+    `hpsv2_pixels`): bicubic resize of the longer side to the model's size, zero padding to a square, CLIP
+    normalisation.
 
     `checkpoint`: a Hub repository holding `HPS_v2.1_compressed.pt` (default `xswu/HPSv2`), a local folder holding
     it, or a local `.pt` file (a dict with the open_clip state dict under `"state_dict"`). `model_name`: the open_clip
@@ -184,26 +285,20 @@ class HPSv2(RewardModel):
             import open_clip
         except ImportError as error:
             raise ImportError('The "hpsv2" reward needs open_clip: pip install "trl-nft[hpsv2]"') from error
-        from torchvision import transforms
 
         path = resolve_file(self.checkpoint, "HPSv2", self.filename)
         # open_clip's own loader reads {"state_dict": ...} checkpoints as released by HPSv2.
         model = open_clip.create_model(self.model_name, pretrained=path, device=self.device)
         model = model.to(dtype=self.dtype).eval()
         config = open_clip.get_model_preprocess_cfg(model)
-        preprocess = transforms.Compose(
-            [
-                transforms.ToTensor(),
-                transforms.Resize(min(config["size"]), interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.CenterCrop(config["size"]),
-                transforms.Normalize(config["mean"], config["std"]),
-            ]
-        )
-        return model, open_clip.get_tokenizer(self.model_name), preprocess
+        height, width = config["size"]
+        if height != width:
+            raise ValueError(f"hpsv2: HPSv2 pads images to a square; {self.model_name!r} takes {height} x {width}.")
+        return model, open_clip.get_tokenizer(self.model_name), (height, config["mean"], config["std"])
 
     def score(self, models, images, prompts, **columns) -> list[float]:
-        model, tokenizer, preprocess = models
-        pixels = torch.stack([preprocess(image.convert("RGB")) for image in images]).to(self.device, self.dtype)
+        model, tokenizer, preprocessing = models
+        pixels = torch.stack([hpsv2_pixels(image, *preprocessing) for image in images]).to(self.device, self.dtype)
         image_features = model.encode_image(pixels, normalize=True).float()
         text_features = model.encode_text(tokenizer(prompts).to(self.device), normalize=True).float()
         return (image_features * text_features).sum(-1).tolist()

@@ -1,4 +1,4 @@
-"""Rewards of the `digits-sd3` benchmark (see `trl_nft.models.digits`): the prompted digit, read by a classifier.
+"""Rewards of the `digits-sd3` benchmark (see `trl_nft.embedded.digits_sd3`): the prompted digit, read by a classifier.
 
 - `digit_accuracy`: the probability of the prompted digit under the reward classifier (a small CNN); the training
   reward;
@@ -14,9 +14,10 @@ in the prompt ("a handwritten digit seven"); prompts that name none score `None`
 
 import torch
 
-from ..models.digits import DIGITS_SD3_PATH, load_classifier, load_judge, prompt_digit, to_grayscale
+from ..prompts.digits import prompt_digit
 from . import register_reward, to_tensor
 from .base import RewardModel, resolve_checkpoint
+from .digit_models import DIGIT_WEIGHTS_PATH, load_classifier, load_judge, to_grayscale
 
 
 def _digits(prompts: list[str], digit: list | None) -> list[int | None]:
@@ -30,7 +31,7 @@ def _top_guess_is(probabilities: torch.Tensor, digit: int) -> float:
 
 
 class _DigitReward(RewardModel):
-    default_checkpoint = DIGITS_SD3_PATH
+    default_checkpoint = DIGIT_WEIGHTS_PATH
 
     def score(self, models, images, prompts, digit=None, **columns) -> list[float | None]:
         targets = _digits(prompts, digit)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import RewardModel, register_reward, resolve_checkpoint
+from .clip import openai_clip_pixels
 
 
 GENEVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -356,7 +357,6 @@ class GenEval(RewardModel):
             "detector_processor": AutoImageProcessor.from_pretrained(checkpoint),
             "labels": labels,
             "clip": CLIPModel.from_pretrained(clip_checkpoint, dtype=self.dtype).to(self.device).eval(),
-            "clip_processor": AutoImageProcessor.from_pretrained(clip_checkpoint),
             "tokenizer": AutoTokenizer.from_pretrained(clip_checkpoint),
             "color_classifiers": {},  # class -> [num_colours, dim] text embeddings, built on first use
         }
@@ -419,11 +419,14 @@ class GenEval(RewardModel):
 
     def _name_colors(self, models: dict, queries: list[tuple[Image.Image, Detection]]) -> None:
         """Set `color` on each queried detection: the colour whose CLIP text embedding (mean of GenEval's templates,
-        normalised) is closest to the embedding of the object's masked crop."""
+        normalised) is closest to the embedding of the object's masked crop. The crops are preprocessed as GenEval's
+        open_clip transform for the `openai` weights does (`openai_clip_pixels`)."""
         if not queries:
             return
-        crops = [color_crop(image, detection) for image, detection in queries]
-        pixel_values = models["clip_processor"](images=crops, return_tensors="pt")["pixel_values"]
+        size = models["clip"].config.vision_config.image_size
+        pixel_values = torch.stack(
+            [openai_clip_pixels(color_crop(image, detection), size) for image, detection in queries]
+        )
         features = (
             models["clip"].get_image_features(pixel_values=pixel_values.to(self.device, self.dtype)).pooler_output
         )

@@ -12,7 +12,6 @@ import math
 import os
 import re
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
@@ -20,15 +19,12 @@ from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisio
 
 from . import register_reward
 from .base import RewardModel, resolve_checkpoint, resolve_file
-from .clip import preference_mlp
+from .clip import openai_clip_pixels, preference_mlp
 
 
 # `ImageReward.mean` and `ImageReward.std` of ImageReward-v1.0: the raw MLP output is standardised with them.
 IMAGE_REWARD_MEAN = 0.16717362830052426
 IMAGE_REWARD_STD = 1.0333394966054072
-# ImageReward's `_transform`: torchvision's Normalize with the CLIP mean and std.
-_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
 _MAX_PROMPT_TOKENS = 35
 # BLIP's ViT-B/16 and ViT-L/16 both use 64-dim heads (768 / 12, 1024 / 16); the checkpoint does not store the count.
 _VIT_HEAD_DIM = 64
@@ -166,27 +162,13 @@ class ImageRewardModel(nn.Module):
         return (self.mlp(features).squeeze(-1) - IMAGE_REWARD_MEAN) / IMAGE_REWARD_STD
 
 
-def preprocess(image: Image.Image, size: int) -> torch.Tensor:
-    """ImageReward's `_transform(size)` on one PIL image, as torchvision computes it: resize the shorter side to `size`
-    (PIL bicubic, the longer side to `int(size * long / short)`), center-crop `size` x `size` (offsets rounded), RGB,
-    scale to [0, 1], normalise with the CLIP mean and std. Returns `[3, size, size]` float32."""
-    width, height = image.size
-    short, long = min(width, height), max(width, height)
-    resized = (size, int(size * long / short)) if width <= height else (int(size * long / short), size)
-    if resized != image.size:
-        image = image.resize(resized, Image.BICUBIC)
-    left, top = int(round((resized[0] - size) / 2.0)), int(round((resized[1] - size) / 2.0))
-    image = image.crop((left, top, left + size, top + size)).convert("RGB")
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1)
-    return (pixels - torch.tensor(_IMAGE_MEAN)[:, None, None]) / torch.tensor(_IMAGE_STD)[:, None, None]
-
-
 @register_reward("image_reward")
 class ImageReward(RewardModel):
     """ImageReward-v1.0 score of each (image, prompt), as `ImageReward.score` computes it: a human-preference score,
     unbounded, higher is better, the raw MLP output standardised with the authors' constants (mean 0.1672, std 1.0333).
     Definition: see `ImageRewardModel`; prompts are tokenised like the original (`bert-base-uncased` with `[DEC]` and
-    `[ENC]` added, padded/truncated to 35 tokens), images preprocessed by `preprocess` (224 px).
+    `[ENC]` added, padded/truncated to 35 tokens), images preprocessed by ImageReward's `_transform`
+    (OpenAI CLIP's, `openai_clip_pixels`; 224 px).
 
     Args:
         checkpoint: the Hub repository holding `ImageReward.pt` and `med_config.json` (default `THUDM/ImageReward`),
@@ -222,7 +204,7 @@ class ImageReward(RewardModel):
     def score(self, models, images: list[Image.Image], prompts: list[str], **columns) -> list[float]:
         model, tokenizer = models
         size = model.vision_model.config.image_size
-        pixel_values = torch.stack([preprocess(image, size) for image in images]).to(self.device, self.dtype)
+        pixel_values = torch.stack([openai_clip_pixels(image, size) for image in images]).to(self.device, self.dtype)
         text = tokenizer(
             prompts, padding="max_length", truncation=True, max_length=_MAX_PROMPT_TOKENS, return_tensors="pt"
         ).to(self.device)

@@ -1,8 +1,9 @@
 """A vision-language model as judge, served behind any OpenAI-compatible chat endpoint (vLLM, SGLang, TGI, OpenAI...).
 
 The defaults reproduce Flow-GRPO's UnifiedReward scorer (`unifiedreward_score_sglang` in
-https://github.com/yifan123/flow_grpo/blob/main/flow_grpo/rewards.py): `CodeGoat24/UnifiedReward-7b-v1.5` is asked to
-grade each image against its caption from 1 to 5 after "Final Score:", at temperature 0, and the grade is divided by 5.
+https://github.com/yifan123/flow_grpo/blob/main/flow_grpo/rewards.py): each image, resized to 512 x 512 (Pillow's
+bicubic filter) and sent as a PNG, is graded by `CodeGoat24/UnifiedReward-7b-v1.5` against its caption from 1 to 5
+after "Final Score:", at temperature 0, and the grade is divided by 5.
 """
 
 import base64
@@ -34,7 +35,8 @@ API_KEY_ENV = "VLM_JUDGE_API_KEY"
 
 
 def image_data_url(image: Image.Image) -> str:
-    """`image` as a PNG data URL (`data:image/png;base64,...`), the way images are put in OpenAI chat messages."""
+    """`image` as a PNG data URL (`data:image/png;base64,...`), the way images are put in OpenAI chat messages.
+    Flow-GRPO sends PNGs too, under the header `data:image;base64` (no subtype), which servers decode alike."""
     buffer = io.BytesIO()
     image.convert("RGB").save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
@@ -47,7 +49,8 @@ class VLMJudge(RewardModel):
     Each image is sent in its own request: one user message holding the image (a PNG data URL) and the question
     `prompt_template` with `{prompt}` replaced by the image's prompt. The score is read from the answer with
     `parse_score`, or else as the first group of the regex `score_pattern`; an answer it cannot be read from is an
-    error quoting the answer (never a silent 0, as in Flow-GRPO). Up to `max_concurrency` requests run at once.
+    error quoting the answer (never a silent 0, as in Flow-GRPO). Up to `max_concurrency` requests run at once
+    (Flow-GRPO sends a whole batch at once).
 
     Args:
         model: the model name the server serves.
@@ -62,7 +65,9 @@ class VLMJudge(RewardModel):
         max_retries: retries of a request that fails to connect, times out or gets a 408/409/429/5xx answer (the
             OpenAI client's rules, with exponential backoff).
         temperature: sampling temperature of the judge.
-        image_size: if set, images are resized to `image_size x image_size` before sending (Flow-GRPO uses 512).
+        image_size: images are resized to `image_size x image_size` (bicubic, after conversion to RGB) before sending,
+            as Flow-GRPO's `Image.fromarray(image).resize((512, 512))` does with Pillow's default filter for RGB
+            images; None sends them at their own size.
         batch_size: images per call of `score`.
 
     Install with `pip install "trl-nft[vlm]"` (the `openai` client).
@@ -81,7 +86,7 @@ class VLMJudge(RewardModel):
         timeout: float = 120.0,
         max_retries: int = 2,
         temperature: float = 0.0,
-        image_size: int | None = None,
+        image_size: int | None = 512,
         batch_size: int = 64,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
@@ -90,6 +95,8 @@ class VLMJudge(RewardModel):
             raise ValueError(f"vlm_judge: scale_max must be > 0, got {scale_max}.")
         if max_concurrency < 1:
             raise ValueError(f"vlm_judge: max_concurrency must be >= 1, got {max_concurrency}.")
+        if image_size is not None and image_size < 1:
+            raise ValueError(f"vlm_judge: image_size must be >= 1 or None (no resize), got {image_size}.")
         super().__init__(checkpoint=model, batch_size=batch_size, device=device, dtype=dtype)
         self.model = model
         self.base_url = base_url
@@ -120,7 +127,8 @@ class VLMJudge(RewardModel):
         import openai
 
         if self.image_size is not None:
-            image = image.resize((self.image_size, self.image_size))
+            # RGB first: Pillow resizes palette images with the nearest pixel whatever the filter asked.
+            image = image.convert("RGB").resize((self.image_size, self.image_size), Image.BICUBIC)
         content = [
             {"type": "image_url", "image_url": {"url": image_data_url(image)}},
             {"type": "text", "text": self.prompt_template.replace("{prompt}", prompt)},

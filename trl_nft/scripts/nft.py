@@ -18,8 +18,7 @@ from datasets import Dataset
 from trl import TrlParser
 
 from trl_nft import DiffusionNFTTrainer, NFTConfig
-from trl_nft.models import model_preset
-from trl_nft.models.digits import digit_prompts
+from trl_nft.embedded import model_preset
 from trl_nft.prompts import (
     drawbench_prompts,
     geneval_prompts,
@@ -27,6 +26,7 @@ from trl_nft.prompts import (
     ocr_prompts,
     pickapic_prompts,
 )
+from trl_nft.prompts.digits import digit_prompts
 from trl_nft.rewards import get_reward, list_rewards
 
 
@@ -250,7 +250,24 @@ def main(script_args: NFTScriptArguments, training_args: NFTConfig) -> Diffusion
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)
+    if trainer.is_world_process_zero():
+        summary = evaluation_summary(trainer.state.log_history)
+        print(f"{summary}\n" if summary else "", end="")
+        print(f"The LoRA (or weights), its model card and the sample grids are in {training_args.output_dir}.")
     return trainer
+
+
+def evaluation_summary(log_history: list[dict]) -> str | None:
+    """The first and the last evaluation side by side, one line per reward metric (None with fewer than two)."""
+    evaluations = [entry for entry in log_history if "eval_reward" in entry]
+    if len(evaluations) < 2:
+        return None
+    first, last = evaluations[0], evaluations[-1]
+    names = [key for key in last if key.startswith("eval_reward") and key in first]
+    width = max(map(len, names))
+    lines = [f"Evaluation, step {first['step']} -> {last['step']}:"]
+    lines += [f"  {name:<{width}}  {first[name]:.3f} -> {last[name]:.3f}" for name in names]
+    return "\n".join(lines)
 
 
 def make_parser(prog: str | None = None) -> TrlParser:

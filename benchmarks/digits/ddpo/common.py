@@ -1,8 +1,9 @@
 """What both runners of the DDPO comparison share: the digits models and the evaluation protocol.
 
 It runs in both virtual environments (the main one, and TRL 0.23.1's in `.venv` here), so it imports nothing from the
-`trl_nft` package, whose `__init__` needs the main environment's versions: `trl_nft/models/digits.py` (the data, the
-reward classifier and the judge) is loaded as a standalone module from its file.
+`trl_nft` package, whose `__init__` needs the main environment's versions: `trl_nft/prompts/digits.py` (the prompts) and
+`trl_nft/rewards/digit_models.py` (the reward classifier and the judge) are loaded as standalone modules from their
+files.
 
 Evaluation: the ten digit prompts, each 10 times (100 images), one image per prompt from fixed initial latents,
 10 steps of deterministic DDIM (eta 0, SD1.x's scheduler config), the pipeline's own `__call__`; at CFG 1 (CFG-free)
@@ -18,35 +19,33 @@ import torch
 
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-DIGITS_SD_PATH = os.path.join(ROOT, "trl_nft", "models", "digits_sd")
-DIGITS_SD3_PATH = os.path.join(ROOT, "trl_nft", "models", "digits_sd3")
+DIGITS_SD_PATH = os.path.join(ROOT, "trl_nft", "embedded", "digits_sd")
 EVAL_GUIDANCE_SCALES = (1.0, 5.0)
 EVAL_STEPS = 10
 EVAL_PER_DIGIT = 10
 
 
-def load_digits_module():
-    """`trl_nft/models/digits.py` as a standalone module (`digits_standalone`), without the `trl_nft` package."""
-    if "digits_standalone" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "digits_standalone", os.path.join(ROOT, "trl_nft", "models", "digits.py")
-        )
+def load_standalone(*path: str):
+    """The module at `trl_nft/<path>` loaded from its file, without the `trl_nft` package (it must import none of it)."""
+    name = "standalone_" + "_".join(path).removesuffix(".py")
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "trl_nft", *path))
         module = importlib.util.module_from_spec(spec)
-        sys.modules["digits_standalone"] = module
+        sys.modules[name] = module
         spec.loader.exec_module(module)
-    return sys.modules["digits_standalone"]
+    return sys.modules[name]
 
 
 class Evaluator:
     """Accuracies of a `StableDiffusionPipeline`'s samples under the reward classifier and the judge (see above)."""
 
     def __init__(self, seed: int = 0):
-        digits = load_digits_module()
-        self.digits = digits
-        self.classifier = digits.load_classifier(DIGITS_SD3_PATH)
-        self.judge = digits.load_judge(DIGITS_SD3_PATH)
+        self.digit_models = load_standalone("rewards", "digit_models.py")
+        self.classifier = self.digit_models.load_classifier()
+        self.judge = self.digit_models.load_judge()
         self.labels = torch.arange(10).repeat(EVAL_PER_DIGIT)
-        self.prompts = [digits.digit_prompt(int(d)) for d in self.labels]
+        prompts = load_standalone("prompts", "digits.py")
+        self.prompts = [prompts.digit_prompt(int(d)) for d in self.labels]
         self.latents = torch.randn(len(self.labels), 4, 8, 8, generator=torch.Generator().manual_seed(seed))
         from diffusers import DDIMScheduler
 
@@ -71,7 +70,7 @@ class Evaluator:
                     latents=self.latents.clone(),
                     output_type="pt",
                 ).images
-                gray = self.digits.to_grayscale(images.float().cpu())
+                gray = self.digit_models.to_grayscale(images.float().cpu())
                 suffix = "" if guidance_scale == 1.0 else f"_cfg{guidance_scale:g}"
                 top1 = (self.classifier(gray).argmax(1) == self.labels).float().mean().item()
                 judge = (self.judge(gray).argmax(1) == self.labels).float().mean().item()

@@ -30,7 +30,7 @@ import torch
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import DIGITS_SD3_PATH, DIGITS_SD_PATH, Clock, Evaluator, load_digits_module  # noqa: E402
+from common import DIGITS_SD_PATH, Clock, Evaluator, load_standalone  # noqa: E402
 
 
 def main() -> None:
@@ -57,18 +57,19 @@ def main() -> None:
     import trl
     from trl import DDPOConfig, DDPOTrainer, DefaultDDPOStableDiffusionPipeline
 
-    digits = load_digits_module()
-    classifier = digits.load_classifier(DIGITS_SD3_PATH)
+    digit_models = load_standalone("rewards", "digit_models.py")
+    prompts = load_standalone("prompts", "digits.py")
+    classifier = digit_models.load_classifier()
     rng = random.Random(args.seed)
 
     def prompt_function():
         digit = rng.randrange(10)
-        return digits.digit_prompt(digit), {"digit": digit}
+        return prompts.digit_prompt(digit), {"digit": digit}
 
     @torch.no_grad()
     def reward_function(images, prompts, metadata):
         # images: [B, 3, 16, 16] in [0, 1] (DDPO decodes with output_type="pt")
-        probabilities = classifier(digits.to_grayscale(images.float().cpu())).softmax(-1)
+        probabilities = classifier(digit_models.to_grayscale(images.float().cpu())).softmax(-1)
         targets = torch.tensor([m["digit"] for m in metadata])
         return probabilities[torch.arange(len(targets)), targets], {}
 

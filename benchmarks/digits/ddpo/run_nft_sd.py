@@ -29,7 +29,7 @@ from common import Evaluator  # noqa: E402
 from run import parse_value  # noqa: E402  (benchmarks/digits/run.py)
 
 from trl_nft import DiffusionNFTTrainer, NFTConfig  # noqa: E402
-from trl_nft.models.digits import digit_prompts  # noqa: E402
+from trl_nft.prompts.digits import digit_prompts  # noqa: E402
 
 
 #: A rollout is the ten prompts x 8 images, trained on in 8 full fine-tuning steps of 10 images, 4 of its 10 times

@@ -1,5 +1,5 @@
 """Embedded models: tiny random-weight pipelines built entirely offline (`tiny-sd3`, the default, `tiny-sd` and
-`tiny-sdxl`).
+`tiny-sdxl`), and the tokenizers and text-encoder configs the other families' tiny builders share.
 
 Nothing here touches the network: the tokenizers are built from an in-memory vocabulary and every module from a
 config, so `DiffusionNFTTrainer(model="tiny-sd3", ...)` works on a fresh machine without a Hub cache. The pipeline is
@@ -68,6 +68,39 @@ def _clip_text_config(tokenizer: CLIPTokenizer, **extra) -> CLIPTextConfig:
     )
 
 
+def _t5_config(tokenizer: T5Tokenizer) -> T5Config:
+    return T5Config(
+        vocab_size=len(tokenizer),
+        d_model=64,
+        d_kv=16,
+        d_ff=128,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=0,
+    )
+
+
+def tiny_vae(vae_class: type = AutoencoderKL, **config):
+    """A tiny four-level VAE (scale 8) for 64 px images, without the quantisation convolutions (as SD3's and FLUX's);
+    `config` sets the latent channels and the latent normalisation."""
+    return vae_class(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        sample_size=TINY_SD3_RESOLUTION,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        **config,
+    )
+
+
 def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
     """Build the tiny SD3 pipeline (64 px, 16 latent channels, VAE scale 8) with weights fixed by `seed`."""
     with torch.random.fork_rng(devices=[]):
@@ -77,20 +110,7 @@ def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
 
         text_encoder = CLIPTextModelWithProjection(_clip_text_config(clip_tokenizer, projection_dim=32))
         text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(clip_tokenizer, projection_dim=32))
-        text_encoder_3 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tokenizer),
-                d_model=64,
-                d_kv=16,
-                d_ff=128,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                pad_token_id=t5_tokenizer.pad_token_id,
-                eos_token_id=t5_tokenizer.eos_token_id,
-                decoder_start_token_id=0,
-            )
-        )
+        text_encoder_3 = T5EncoderModel(_t5_config(t5_tokenizer))
         transformer = SD3Transformer2DModel(
             sample_size=TINY_SD3_RESOLUTION // 8,
             patch_size=2,
@@ -104,21 +124,7 @@ def build_tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
             out_channels=16,
             pos_embed_max_size=16,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            latent_channels=16,
-            norm_num_groups=4,
-            sample_size=TINY_SD3_RESOLUTION,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            scaling_factor=1.5305,
-            shift_factor=0.0609,
-        )
+        vae = tiny_vae(latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609)  # SD3's VAE normalisation
     pipeline = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),

@@ -1,7 +1,7 @@
 """`digits-sd3`: a real, pretrained (if tiny) text-to-image model on which DiffusionNFT visibly learns on CPU.
 
 scikit-learn's `load_digits` (1797 real 8 x 8 handwritten digits) rendered at 16 x 16 pixels is the data. The builder
-(`python -m trl_nft.models.digits`, seeded, about 5 minutes on 2 CPU cores) trains, on a fixed training split:
+(`python -m trl_nft.embedded.digits_sd3`, seeded, about 5 minutes on 2 CPU cores) trains, on a fixed training split:
 
 - a 4-channel `AutoencoderKL` (VAE scale 2, 16 x 16 images <-> 4 x 8 x 8 latents);
 - the reward classifier: a small CNN on 16 x 16 images (`DigitClassifier`, the `digit_accuracy` reward);
@@ -11,7 +11,8 @@ scikit-learn's `load_digits` (1797 real 8 x 8 handwritten digits) rendered at 16
   encoders are `tiny-sd3`'s, frozen), stopped early while it follows its prompt poorly: the pinned base has a
   CFG-free accuracy of at most 0.45 under the reward classifier, which leaves room for RL to show.
 
-The weights it writes ship in the package (`DIGITS_SD3_PATH`, about 6 MB): the conditioning is learnt abruptly during
+The weights it writes ship in the package (the pipeline in `DIGITS_SD3_PATH`, the classifier and the judge with the
+rewards, in `trl_nft/rewards/digit_weights/`; about 6 MB): the conditioning is learnt abruptly during
 pretraining, so a rebuild on other hardware or another torch may stop at another base; shipping pins it.
 """
 
@@ -23,18 +24,23 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from datasets import Dataset
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from safetensors.torch import load_file, save_file
-from torch import nn
+from safetensors.torch import save_file
+
+from ..prompts.digits import digit_prompt
+from ..rewards.digit_models import (
+    CLASSIFIER_FILE,
+    DIGIT_WEIGHTS_PATH,
+    DIGITS_RESOLUTION,
+    JUDGE_FILE,
+    DigitClassifier,
+    DigitJudge,
+    judge_features,
+    to_grayscale,
+)
 
 
 DIGITS_SD3_PATH = os.path.join(os.path.dirname(__file__), "digits_sd3")
-DIGITS_RESOLUTION = 16
-DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-PROMPT_TEMPLATE = "a handwritten digit {}"
-CLASSIFIER_FILE = "reward_classifier.safetensors"
-JUDGE_FILE = "judge.safetensors"
 MAX_BASE_ACCURACY = 0.45  # the pinned base's CFG-free accuracy must not exceed this
 # Prompt length in tokens, for both CLIP encoders and T5 (the tokenizers' `model_max_length`). The tiny character-level
 # tokenizers need 24 for "a handwritten digit seven"; every context token is attended to by every block, so padding to
@@ -42,25 +48,7 @@ MAX_BASE_ACCURACY = 0.45  # the pinned base's CFG-free accuracy must not exceed 
 CONTEXT_TOKENS = 32
 
 
-# ---------------------------------------------------------------------------------------------- prompts and data
-
-
-def digit_prompt(digit: int) -> str:
-    return PROMPT_TEMPLATE.format(DIGIT_NAMES[digit])
-
-
-def prompt_digit(prompt: str) -> int | None:
-    """The digit a prompt asks for (the first digit name among its words), or None."""
-    for word in prompt.lower().replace(",", " ").split():
-        if word in DIGIT_NAMES:
-            return DIGIT_NAMES.index(word)
-    return None
-
-
-def digit_prompts(repeats: int = 1) -> Dataset:
-    """The ten digit prompts, each `repeats` times, with their `digit` column (the `digits` prompt set)."""
-    digits = [digit for _ in range(repeats) for digit in range(10)]
-    return Dataset.from_dict({"prompt": [digit_prompt(d) for d in digits], "digit": digits})
+# ---------------------------------------------------------------------------------------------- data
 
 
 def load_digit_images(seed: int = 0, test_fraction: float = 0.2) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -78,63 +66,10 @@ def load_digit_images(seed: int = 0, test_fraction: float = 0.2) -> dict[str, tu
     return {"train": (images[train], labels[train]), "test": (images[test], labels[test])}
 
 
-def to_grayscale(images: torch.Tensor) -> torch.Tensor:
-    """`[B, 3, H, W]` (or `[B, 1, H, W]`) in [0, 1] -> `[B, 1, 16, 16]`, the input of the classifier and the judge."""
-    gray = images.mean(dim=1, keepdim=True)
-    if gray.shape[-1] != DIGITS_RESOLUTION:
-        gray = F.interpolate(gray, size=DIGITS_RESOLUTION, mode="bilinear", antialias=True, align_corners=False)
-    return gray
-
-
-# ---------------------------------------------------------------------------------------------- classifier and judge
-
-
-class DigitClassifier(nn.Module):
-    """The reward classifier: a small CNN on 16 x 16 grayscale images in [0, 1]; returns logits over the 10 digits."""
-
-    def __init__(self):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        )  # fmt: skip
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(32 * 4 * 4, 10))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(images))
-
-
-def judge_features(gray: torch.Tensor) -> torch.Tensor:
-    """The judge's input: the 16 x 16 image averaged down to 8 x 8, on the 0-16 scale of the original data."""
-    return F.avg_pool2d(gray, 2).flatten(1) * 16
-
-
-class DigitJudge(nn.Module):
-    """The held-out judge: a multinomial logistic regression (fitted by scikit-learn) on `judge_features`."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor):
-        super().__init__()
-        self.register_buffer("weight", weight)
-        self.register_buffer("bias", bias)
-
-    def forward(self, gray: torch.Tensor) -> torch.Tensor:
-        return judge_features(gray) @ self.weight.T + self.bias
-
-
-def load_classifier(path: str = DIGITS_SD3_PATH) -> DigitClassifier:
-    classifier = DigitClassifier()
-    classifier.load_state_dict(load_file(os.path.join(path, CLASSIFIER_FILE)))
-    return classifier.eval()
-
-
-def load_judge(path: str = DIGITS_SD3_PATH) -> DigitJudge:
-    return DigitJudge(**load_file(os.path.join(path, JUDGE_FILE))).eval()
-
-
 def load_digits_sd3(path: str = DIGITS_SD3_PATH) -> StableDiffusion3Pipeline:
     """The `digits-sd3` pipeline (16 x 16 images), loaded with `StableDiffusion3Pipeline.from_pretrained`."""
     if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(f"{path} holds no digits-sd3 build: run `python -m trl_nft.models.digits`.")
+        raise FileNotFoundError(f"{path} holds no digits-sd3 build: run `python -m trl_nft.embedded.digits_sd3`.")
     pipeline = StableDiffusion3Pipeline.from_pretrained(path)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -342,9 +277,16 @@ def pretrain_transformer(pipeline, images, labels, classifier, generator, log, e
     return transformer, embeds, history
 
 
-def build_digits_sd3(output_dir: str = DIGITS_SD3_PATH, seed: int = 0, vae_steps: int = 1500, log=None) -> dict:
-    """Train every part on the training split with seed `seed` and write the model to `output_dir` (the pipeline in
-    diffusers' layout, `reward_classifier.safetensors`, `judge.safetensors` and `build_info.json`)."""
+def build_digits_sd3(
+    output_dir: str = DIGITS_SD3_PATH,
+    reward_dir: str = DIGIT_WEIGHTS_PATH,
+    seed: int = 0,
+    vae_steps: int = 1500,
+    log=None,
+) -> dict:
+    """Train every part on the training split with seed `seed`; write the model to `output_dir` (the pipeline in
+    diffusers' layout and `build_info.json`) and the digit rewards' models to `reward_dir` (`reward_classifier.safetensors`,
+    `judge.safetensors`)."""
     from .tiny import build_tiny_sd3
 
     start = time.time()
@@ -403,9 +345,10 @@ def build_digits_sd3(output_dir: str = DIGITS_SD3_PATH, seed: int = 0, vae_steps
 
     os.makedirs(output_dir, exist_ok=True)
     pipeline.save_pretrained(output_dir)
-    save_file(classifier.state_dict(), os.path.join(output_dir, CLASSIFIER_FILE))
+    os.makedirs(reward_dir, exist_ok=True)
+    save_file(classifier.state_dict(), os.path.join(reward_dir, CLASSIFIER_FILE))
     save_file(
-        {"weight": judge.weight.contiguous(), "bias": judge.bias.contiguous()}, os.path.join(output_dir, JUDGE_FILE)
+        {"weight": judge.weight.contiguous(), "bias": judge.bias.contiguous()}, os.path.join(reward_dir, JUDGE_FILE)
     )
     write_build_info(output_dir, info)
     return info
@@ -420,9 +363,10 @@ def write_build_info(output_dir: str, info: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the digits-sd3 model, its reward classifier and judge.")
     parser.add_argument("--output_dir", default=DIGITS_SD3_PATH)
+    parser.add_argument("--reward_dir", default=DIGIT_WEIGHTS_PATH, help="where the classifier and the judge go")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    build_digits_sd3(args.output_dir, args.seed)
+    build_digits_sd3(args.output_dir, args.reward_dir, args.seed)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """`digits-sd`: the digits benchmark's model as an SD1.x pipeline (a UNet with epsilon prediction on SD's VP schedule),
 for side-by-side runs against TRL 0.23's `DDPOTrainer`, which trains SD1.x pipelines only.
 
-The data, the reward classifier and the judge are `digits-sd3`'s (`trl_nft.models.digits`). The builder
-(`python -m trl_nft.models.digits_sd`, seeded, about 9 minutes on one CPU thread) assembles:
+The data, the reward classifier and the judge are `digits-sd3`'s (`trl_nft.embedded.digits_sd3`, `trl_nft.rewards.digit_models`). The builder
+(`python -m trl_nft.embedded.digits_sd`, seeded, about 9 minutes on one CPU thread) assembles:
 
 - `digits-sd3`'s 4-channel `AutoencoderKL` (VAE scale 2, 16 x 16 images <-> 4 x 8 x 8 latents), reused as it is. An
   SD1.x pipeline applies only `scaling_factor` (no `shift_factor`): the copy saved here drops the shift and carries the
@@ -31,16 +31,9 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .digits import (
-    DIGITS_RESOLUTION,
-    DIGITS_SD3_PATH,
-    classifier_accuracy,
-    digit_prompt,
-    load_classifier,
-    load_digit_images,
-    pretrain_weak_base,
-    write_build_info,
-)
+from ..prompts.digits import digit_prompt
+from ..rewards.digit_models import DIGITS_RESOLUTION, load_classifier
+from .digits_sd3 import DIGITS_SD3_PATH, classifier_accuracy, load_digit_images, pretrain_weak_base, write_build_info
 from .tiny import _SD_BETAS, _as_loaded, _clip_text_config, _clip_tokenizer
 
 
@@ -51,7 +44,7 @@ PROMPT_TOKENS = 32  # the tokenizer's model_max_length: the longest digit prompt
 def load_digits_sd(path: str = DIGITS_SD_PATH) -> StableDiffusionPipeline:
     """The `digits-sd` pipeline (16 x 16 images), loaded with `StableDiffusionPipeline.from_pretrained`."""
     if not os.path.isfile(os.path.join(path, "model_index.json")):
-        raise FileNotFoundError(f"{path} holds no digits-sd build: run `python -m trl_nft.models.digits_sd`.")
+        raise FileNotFoundError(f"{path} holds no digits-sd build: run `python -m trl_nft.embedded.digits_sd`.")
     pipeline = StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -169,7 +162,7 @@ def build_digits_sd(output_dir: str = DIGITS_SD_PATH, seed: int = 0, log=None) -
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     train_images, train_labels = load_digit_images(seed)["train"]
-    classifier = load_classifier(DIGITS_SD3_PATH)
+    classifier = load_classifier()
 
     tokenizer = _clip_tokenizer()
     tokenizer.model_max_length = PROMPT_TOKENS

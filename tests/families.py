@@ -1,0 +1,52 @@
+"""What the model families' tests share: a saved LoRA reloaded into a fresh pipeline, and a short `trl nft` run."""
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+
+def assert_the_saved_lora_reproduces_the_policy(trainer, build_fresh: Callable, output_dir: Path, **call) -> None:
+    """Save the trainer's LoRA to `output_dir` and load it into `build_fresh()`: the fresh pipeline samples what the
+    trained policy (its EMA, which is what is saved) samples, within 1e-4, and not what the base samples. Both sample
+    with the model's own scheduler, 4 steps from fixed noise; `call` adds the family's pipeline arguments."""
+    trainer.save_model(str(output_dir))
+
+    def images(pipeline) -> np.ndarray:
+        generator = torch.Generator().manual_seed(5)
+        output = pipeline(
+            prompt=["a photo of object number 3"], num_inference_steps=4, generator=generator, output_type="np", **call
+        )
+        return np.asarray(output.images)
+
+    trainer.pipeline.scheduler = trainer.adapter.model_scheduler  # as a fresh pipeline's
+    with trainer._evaluation_weights():
+        expected = images(trainer.pipeline)
+    fresh = build_fresh()
+    base = images(fresh)
+    fresh.load_lora_weights(str(output_dir))
+    loaded = images(fresh)
+    assert np.abs(loaded - base).max() > 1e-3, "training should have changed the policy"
+    assert np.abs(loaded - expected).max() <= 1e-4
+
+
+def run_trl_nft(model: str, tmp_path: Path, *flags: str) -> Path:
+    """`trl nft --model MODEL` for one optimizer step of 4 images, offline, in a subprocess, as a user runs it: it must
+    exit 0 and write the denoiser's LoRA and a model card naming the model. Returns the output folder."""
+    output_dir = tmp_path / "out"
+    command = [str(Path(sys.executable).parent / "trl"), "nft", "--model", model, "--reward", "jpeg_compressibility"]
+    command += ["--dataset", "simple", "--output_dir", str(output_dir), "--report_to", "none", "--lora_r", "4"]
+    command += ["--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "4"]
+    command += ["--num_inference_steps", "2", *flags]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
+    assert weights and all(key.startswith(("transformer.", "unet.")) for key in weights)
+    assert model in (output_dir / "README.md").read_text()
+    return output_dir

@@ -1,0 +1,56 @@
+"""Embedded models: pipelines that need no download. The tiny random-weight pipelines are built offline from configs
+(`tiny.py`, for tests and quick starts); `digits-sd3` and `digits-sd` are small pretrained pipelines shipped in the
+package, with the seeded builders that wrote them (`digits_sd3.py`, `digits_sd.py`)."""
+
+import importlib.resources as resources
+
+from .digits_sd import load_digits_sd
+from .digits_sd3 import load_digits_sd3
+from .tiny import TINY_SD3_RESOLUTION, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
+from .tiny_flux import build_tiny_flux
+from .tiny_flux2_klein import build_tiny_flux2_klein
+from .tiny_qwen_image import build_tiny_qwen_image
+from .tiny_z_image import build_tiny_z_image
+
+
+#: Names that build a pipeline offline instead of loading one.
+EMBEDDED_MODELS = {
+    "tiny-sd3": build_tiny_sd3,
+    "tiny-sd": build_tiny_sd,
+    "tiny-sdxl": build_tiny_sdxl,
+    "tiny-flux": build_tiny_flux,  # guidance-distilled, as FLUX.1-dev
+    "tiny-qwen-image": build_tiny_qwen_image,
+    "tiny-flux2-klein": build_tiny_flux2_klein,  # step-distilled, as FLUX.2-klein-4B
+    "tiny-z-image": build_tiny_z_image,
+    # A pretrained 16 px SD3 on scikit-learn's handwritten digits, shipped in the package (`digits_sd3.py`).
+    "digits-sd3": load_digits_sd3,
+    "digits-sd": load_digits_sd,  # its SD1.x counterpart, for the DDPO comparison (`digits_sd.py`)
+}
+
+#: Training settings that make a short run learn visibly on an embedded pretrained model, in the package's `presets/`:
+#: `trl nft --model NAME` starts from them when no `--config` is given (flags still override any of them).
+MODEL_PRESETS = {"digits-sd3": "digits_sd3.yaml"}
+
+
+def model_preset(model: str) -> str | None:
+    """The path of `model`'s preset file (`MODEL_PRESETS`), or None when it has none."""
+    if model not in MODEL_PRESETS:
+        return None
+    return str(resources.files("trl_nft").joinpath("presets", MODEL_PRESETS[model]))
+
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "MODEL_PRESETS",
+    "TINY_SD3_RESOLUTION",
+    "build_tiny_flux",
+    "build_tiny_flux2_klein",
+    "build_tiny_qwen_image",
+    "build_tiny_sd",
+    "build_tiny_sd3",
+    "build_tiny_sdxl",
+    "build_tiny_z_image",
+    "load_digits_sd",
+    "load_digits_sd3",
+    "model_preset",
+]
