@@ -1,4 +1,5 @@
-"""What the model families' tests share: a saved LoRA reloaded into a fresh pipeline, and a short `trl nft` run."""
+"""What the model families' tests share: the calls a pipeline makes to its denoiser, a saved LoRA reloaded into a fresh
+pipeline, and a short `trl nft` run."""
 
 import os
 import subprocess
@@ -11,10 +12,26 @@ import torch
 from safetensors.torch import load_file
 
 
+def module_calls(module: torch.nn.Module, run: Callable) -> list[tuple[tuple, dict, torch.Tensor]]:
+    """The positional and keyword arguments and the first output of every call of `module` during `run()`, which runs
+    without gradients."""
+    calls = []
+    hook = module.register_forward_hook(
+        lambda module, args, kwargs, output: calls.append((args, kwargs, output[0])), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        hook.remove()
+    return calls
+
+
 def assert_the_saved_lora_reproduces_the_policy(trainer, build_fresh: Callable, output_dir: Path, **call) -> None:
     """Save the trainer's LoRA to `output_dir` and load it into `build_fresh()`: the fresh pipeline samples what the
     trained policy (its EMA, which is what is saved) samples, within 1e-4, and not what the base samples. Both sample
-    with the model's own scheduler, 4 steps from fixed noise; `call` adds the family's pipeline arguments."""
+    with the model's own scheduler, 4 steps from fixed noise; `call` adds the family's pipeline arguments. A video
+    pipeline's videos (its `frames`) are compared as its images are."""
     trainer.save_model(str(output_dir))
 
     def images(pipeline) -> np.ndarray:
@@ -22,7 +39,7 @@ def assert_the_saved_lora_reproduces_the_policy(trainer, build_fresh: Callable, 
         output = pipeline(
             prompt=["a photo of object number 3"], num_inference_steps=4, generator=generator, output_type="np", **call
         )
-        return np.asarray(output.images)
+        return np.asarray(output[0])  # the first output: `images`, or a video pipeline's `frames`
 
     trainer.pipeline.scheduler = trainer.adapter.model_scheduler  # as a fresh pipeline's
     with trainer._evaluation_weights():

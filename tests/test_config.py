@@ -1,6 +1,9 @@
 """NFTConfig validation: every bad value fails at construction with a message naming the field."""
 
+import dataclasses
+
 import pytest
+from transformers import TrainingArguments
 
 from trl_nft import NFTConfig
 
@@ -66,3 +69,63 @@ def test_batch_must_divide_into_groups(tmp_path):
         num_generations=3,
     )
     assert (config.images_per_rollout, config.prompts_per_rollout, config.optimizer_steps_per_rollout) == (12, 4, 2)
+
+
+#: A bad value for every field NFTConfig adds to TrainingArguments: each must be refused with a message that names
+#: the field. A new field without an entry here fails `test_every_field_refuses_a_bad_value_naming_it`.
+BAD_VALUES = {
+    "num_generations": 1,
+    "steps_per_generation": 3,  # not a multiple of gradient_accumulation_steps=2 (set by the test)
+    "num_inference_steps": 0,
+    "guidance_scale": 0.5,
+    "resolution": -64,
+    "sampler": "DPMSolverMultistep",
+    "sampler_kwargs": "{not json",
+    "max_sequence_length": 0,
+    "num_frames": 0,
+    "reward_weights": [1.0, float("nan")],
+    "scale_rewards": "global",
+    "advantage_clip": 0.0,
+    "overlap_reward_scoring": "yes",
+    "video_reward_frames": 0,
+    "video_reward_aggregation": "max",
+    "reward_failure_policy": "ignore",
+    "reward_retries": -1,
+    "reward_retry_backoff": -1.0,
+    "reward_timeout": 0.0,
+    "beta": 0.0,
+    "kl_coef": -1e-4,
+    "loss_type": "l2",
+    "negative_loss": "no",
+    "train_timestep_fraction": 1.5,
+    "old_policy_decay_schedule": "cosine",
+    "old_policy_decay_rate": -0.001,
+    "old_policy_decay_max": 1.0,
+    "old_policy_decay_delay": -1,
+    "max_nonfinite_steps": -1,
+    "ema_decay": 1.0,
+    "eval_num_inference_steps": 0,
+    "eval_sampler": "Euler",
+    "sample_logging_steps": -1,
+    "sample_logging_num_images": 0,
+    "early_stopping_reward": float("inf"),
+    "reward_hacking_guard": "on",
+    "reward_hacking_metric": 3,
+    "reward_hacking_patience": 0,
+    "reward_hacking_threshold": -0.1,
+    "use_peft": "true",
+    "lora_r": 0,
+    "lora_alpha": 0,
+    "lora_dropout": 1.0,
+    "lora_target_modules": [],
+}
+
+
+def test_every_field_refuses_a_bad_value_naming_it(tmp_path):
+    base_fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    own_fields = [field.name for field in dataclasses.fields(NFTConfig) if field.name not in base_fields]
+    assert sorted(BAD_VALUES) == sorted(own_fields), "give every NFTConfig field a bad value in BAD_VALUES"
+    for name, value in BAD_VALUES.items():
+        with pytest.raises(ValueError, match=rf"^{name}\b|\b{name}=") as error:
+            NFTConfig(output_dir=str(tmp_path), gradient_accumulation_steps=2, **{name: value})
+        assert "is invalid" in str(error.value) or name in str(error.value), (name, str(error.value))

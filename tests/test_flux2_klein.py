@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DPMSolverMultistepScheduler
 from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
-from families import assert_the_saved_lora_reproduces_the_policy, run_trl_nft
+from families import assert_the_saved_lora_reproduces_the_policy, module_calls, run_trl_nft
 from learning import brightness, eval_gain
 
 from trl_nft import DiffusionNFTTrainer
@@ -17,20 +17,6 @@ from trl_nft.models import Flux2KleinAdapter, get_adapter, load_pipeline
 
 
 PROMPTS = ["a photo of a cat", "a red cube on a table"]
-
-
-def _transformer_calls(transformer, run) -> list[tuple[dict, torch.Tensor]]:
-    """The keyword arguments and the output of every transformer call that `run()` makes."""
-    calls = []
-    hook = transformer.register_forward_hook(
-        lambda module, args, kwargs, output: calls.append((kwargs, output[0])), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        hook.remove()
-    return calls
 
 
 def test_tiny_flux2_klein_is_embedded_deterministic_and_formats_prompts_as_qwen3():
@@ -62,7 +48,7 @@ def test_predict_velocity_is_the_pipelines_own_transformer_call(is_distilled, gu
     pipeline = build_tiny_flux2_klein(is_distilled=is_distilled)
     adapter = get_adapter(pipeline, guidance_scale=guidance_scale, max_sequence_length=32)
     assert adapter.classifier_free_guidance == (not is_distilled)
-    calls = _transformer_calls(
+    calls = module_calls(
         pipeline.transformer,
         lambda: pipeline(
             prompt=PROMPTS,
@@ -78,16 +64,16 @@ def test_predict_velocity_is_the_pipelines_own_transformer_call(is_distilled, gu
     assert len(calls) == 2 * passes
     if adapter.classifier_free_guidance:  # each step's second pass is on the empty prompt
         negative = conditioning["negative_prompt_embeds"]
-        assert all(torch.equal(kwargs["encoder_hidden_states"], negative) for kwargs, _ in calls[1::2])
-    for kwargs, output in calls[::passes]:
+        assert all(torch.equal(kwargs["encoder_hidden_states"], negative) for _, kwargs, _ in calls[1::2])
+    for _, kwargs, output in calls[::passes]:
         assert torch.equal(kwargs["encoder_hidden_states"], conditioning["prompt_embeds"])
-        ours = _transformer_calls(
+        ours = module_calls(
             pipeline.transformer,
             lambda kwargs=kwargs: adapter.predict_velocity(
                 pipeline.transformer, kwargs["hidden_states"], kwargs["timestep"], conditioning
             ),
         )
-        [(our_kwargs, velocity)] = ours
+        [(_, our_kwargs, velocity)] = ours
         for name in ("hidden_states", "timestep", "encoder_hidden_states", "txt_ids", "img_ids"):
             assert torch.equal(our_kwargs[name], kwargs[name]), name
         assert our_kwargs["guidance"] is None and kwargs["guidance"] is None

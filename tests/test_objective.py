@@ -228,3 +228,39 @@ def test_vp_output_converts_to_the_flow_velocity(prediction_type):
     perfect = noise if prediction_type == "epsilon" else a * noise - s * clean
     velocity = vp_output_to_flow_velocity(perfect, vp_noisy, alphas, sigmas, prediction_type)
     torch.testing.assert_close(velocity, target)
+
+
+@pytest.mark.parametrize("scale", ["batch", "group", "none"])
+def test_unknown_rewards_are_left_out_of_the_group_statistics(scale):
+    # A NaN reward (a sample the failure policy dropped) counts in no mean or std, and gets A = 0.
+    known = torch.tensor([1.0, 3.0, 2.0, 6.0, 4.0], dtype=torch.float64)
+    rewards = torch.tensor([1.0, float("nan"), 3.0, 2.0, 6.0, 4.0], dtype=torch.float64)
+    advantages = group_advantages(rewards, num_generations=3, scale=scale)
+    expected_known = torch.cat(
+        [group_advantages(known[:2], 2, "none"), group_advantages(known[2:], 3, "none")]
+    )  # centred on each group's known mean
+    if scale == "batch":
+        expected_known = expected_known / (known.std(unbiased=False) + 1e-4)
+    elif scale == "group":
+        stds = torch.tensor([known[:2].std(unbiased=False)] * 2 + [known[2:].std(unbiased=False)] * 3)
+        expected_known = expected_known / (stds + 1e-4)
+    assert advantages[1] == 0
+    torch.testing.assert_close(advantages[[0, 2, 3, 4, 5]], expected_known)
+
+
+def test_a_sample_of_weight_zero_trains_nothing():
+    torch.manual_seed(0)
+    policy = torch.randn(4, 2, 3, requires_grad=True)
+    old, noisy, clean, noise = (torch.randn(4, 2, 3) for _ in range(4))
+    sigmas, optimality = torch.rand(4), torch.rand(4)
+    weights = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    loss = nft_loss(policy, old, noisy, clean, noise, sigmas, optimality, sample_weights=weights).loss
+    loss.backward()
+    assert torch.all(policy.grad[1] == 0) and torch.all(policy.grad[[0, 2, 3]] != 0)
+    kept = [0, 2, 3]
+    others = nft_loss(policy[kept], old[kept], noisy[kept], clean[kept], noise[kept], sigmas[kept], optimality[kept])
+    torch.testing.assert_close(loss, others.loss * 3 / 4)  # a zero term inside the batch mean
+    unweighted = nft_loss(policy, old, noisy, clean, noise, sigmas, optimality).loss
+    assert torch.equal(
+        nft_loss(policy, old, noisy, clean, noise, sigmas, optimality, sample_weights=torch.ones(4)).loss, unweighted
+    )

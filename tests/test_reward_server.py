@@ -3,12 +3,14 @@
 import base64
 import contextlib
 import io
+import logging
 import math
 import os
 import re
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -21,10 +23,11 @@ import uvicorn
 from PIL import Image
 
 from trl_nft import DiffusionNFTTrainer, get_reward
+from trl_nft.cli import build_parser, main
 from trl_nft.rewards import reward_name
 from trl_nft.rewards.jpeg import jpeg_compressibility, jpeg_incompressibility
 from trl_nft.rewards.remote import RemoteRewardError
-from trl_nft.rewards.server import create_app
+from trl_nft.rewards.server import RequestLimits, create_app, serve
 
 
 TOKEN = "s3cret-token"
@@ -45,10 +48,11 @@ def failing_reward(images, prompts, **kwargs):
 
 
 @contextlib.contextmanager
-def running(app):
-    """`app` served by uvicorn in a background thread, on a free loopback port; yields its base URL."""
+def running(app, port: int = 0):
+    """`app` served by uvicorn in a background thread, on loopback `port` (default: a free one); yields its base URL."""
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # to take over the port of a server just killed
+    sock.bind(("127.0.0.1", port))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -67,6 +71,31 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def start_cli_server(port: int, *options: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`trl-nft reward-server OPTIONS` in a subprocess on 127.0.0.1:`port`, with the token TOKEN (from the
+    environment) and the variables `env`, once its /health answers. Its output goes to a temporary file (a pipe
+    nobody reads would fill up with the access log and block the server), shown if it exits."""
+    env = {**os.environ, "TRL_NFT_REWARD_TOKEN": TOKEN, "OMP_NUM_THREADS": "1", **(env or {})}
+    command = [sys.executable, "-m", "trl_nft.cli", "reward-server", "--port", str(port), "--device", "cpu", *options]
+    log = tempfile.TemporaryFile(mode="w+")
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        if process.poll() is not None:
+            log.seek(0)
+            raise AssertionError(f"the reward server exited with {process.returncode}:\n{log.read()}")
+        assert time.monotonic() < deadline, "the reward server did not answer /health within 120 s"
+        with contextlib.suppress(httpx.TransportError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=1)
+            return process
+        time.sleep(0.2)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    process.wait(timeout=10)
 
 
 def noise_images(count: int, seed: int = 0, size: int = 32) -> list[Image.Image]:
@@ -187,6 +216,10 @@ def test_token_defaults_to_the_environment_variable(url, monkeypatch):
             b'{"reward": "red_plus_offset", "images": [], "prompts": [], "columns": {"offset": [1.0]}}',
             "column 'offset' has 1 values for 0 images",
         ),
+        (
+            b'{"reward": "red_plus_offset", "images": [], "prompts": []}',
+            "the columns [] do not fit reward 'red_plus_offset': missing a required argument: 'offset'",
+        ),
         (b'{"reward": "hpsv9", "images": [], "prompts": []}', "unknown reward 'hpsv9'"),
         (b'{"images": [], "prompts": []}', "'reward' is required when the server serves several rewards"),
         (
@@ -203,6 +236,7 @@ def test_token_defaults_to_the_environment_variable(url, monkeypatch):
         "jpeg",
         "length-mismatch",
         "column-length",
+        "missing-column",
         "unknown-reward",
         "ambiguous-reward",
         "extra-field",
@@ -257,8 +291,12 @@ def test_bad_options_are_refused():
 def test_a_server_that_is_down_makes_the_trainer_fail_clearly(make_config, prompts_dataset):
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     reward = get_reward("remote", url=url, reward="jpeg_incompressibility", max_retries=2, backoff=0.01, timeout=2)
-    with pytest.raises(RemoteRewardError, match=rf"{url}/score failed after 3 attempts; last failure: ConnectError"):
+    # The remote reward's own error says what failed; the trainer's note names the reward.
+    with pytest.raises(
+        RemoteRewardError, match=rf"{url}/score failed after 3 attempts; last failure: ConnectError"
+    ) as failure:
         DiffusionNFTTrainer("tiny-sd3", reward, args=make_config(max_steps=1), train_dataset=prompts_dataset)
+    assert "Reward function 'remote_jpeg_incompressibility' failed" in failure.value.__notes__[0]
 
 
 def test_one_training_step_with_a_remote_reward(url, make_config, prompts_dataset):
@@ -299,21 +337,12 @@ def test_the_cli_serves_registered_and_imported_rewards(tmp_path):
         )
     )
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(tmp_path), "TRL_NFT_REWARD_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "trl_nft.cli", "reward-server", "--import", "my_rewards"]
-    command += ["--reward", "scaled_red", "--reward_kwargs", 'scaled_red={"scale": 2.0}']
-    command += ["--reward", "jpeg_compressibility", "--port", str(port), "--device", "cpu"]
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    options = ["--import", "my_rewards", "--reward", "scaled_red", "--reward_kwargs", 'scaled_red={"scale": 2.0}']
+    options += ["--reward", "jpeg_compressibility", "--max_images", "3"]
+    process = start_cli_server(port, *options, env={"PYTHONPATH": str(tmp_path)})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            assert time.monotonic() < deadline, "the reward server did not answer /health within 120 s"
-            with contextlib.suppress(httpx.TransportError):
-                health = httpx.get(f"{url}/health", timeout=1)
-                break
-            time.sleep(0.2)
+        health = httpx.get(f"{url}/health")
         assert health.json() == {"status": "ok", "rewards": ["scaled_red", "jpeg_compressibility"]}
         images = [Image.new("RGB", (8, 8), (red, 0, 0)) for red in (0, 102, 255)]
         assert remote(url, reward="scaled_red")(images, ["a", "b", "c"]) == [0.0, 2.0 * (102 / 255), 2.0]
@@ -321,6 +350,308 @@ def test_the_cli_serves_registered_and_imported_rewards(tmp_path):
         assert remote(url, reward="jpeg_compressibility")(noise, ["a", "b"]) == jpeg_compressibility(noise, ["a", "b"])
         with pytest.raises(RemoteRewardError, match="Check that the token"):
             get_reward("remote", url=url, reward="scaled_red", token="wrong")(images, ["a", "b", "c"])
+        with pytest.raises(
+            RemoteRewardError,
+            match=re.escape("HTTP 413: request too large: 4 images, over the server's max_images (3)"),
+        ):
+            remote(url, reward="scaled_red")(noise_images(4), ["a"] * 4)
     finally:
-        process.terminate()
+        stop(process)
+
+
+# ---------------------------------------------------------------------------------------------- request limits
+
+LIMITS = RequestLimits(max_body_mb=2, max_images=4, max_image_base64_mb=1, max_image_pixels=64 * 64)
+
+
+@pytest.fixture(scope="module")
+def limited_url():
+    with running(create_app({"jpeg_compressibility": jpeg_compressibility}, limits=LIMITS)) as base_url:
+        yield base_url
+
+
+def post_score(url, images, **options):
+    return httpx.post(f"{url}/score", json={"images": images, "prompts": ["a"] * len(images)}, **options)
+
+
+def assert_still_serving(url):
+    image = noise_images(1, size=8)[0]
+    assert post_score(url, [png_base64(image)]).json() == {"rewards": jpeg_compressibility([image], ["a"])}
+
+
+def test_the_default_limits_fit_batches_of_a_few_hundred_large_images():
+    assert RequestLimits() == RequestLimits(
+        max_body_mb=1024, max_images=1024, max_image_base64_mb=96, max_image_pixels=4096 * 4096
+    )
+    defaults = build_parser().parse_args(["reward-server", "--reward", "jpeg_compressibility"])
+    assert (defaults.max_body_mb, defaults.max_images) == (1024, 1024)
+    assert (defaults.max_image_base64_mb, defaults.max_image_pixels) == (96, 4096 * 4096)
+
+
+@pytest.mark.parametrize("field", ["max_body_mb", "max_images", "max_image_base64_mb", "max_image_pixels"])
+def test_limits_below_one_are_refused(field, capsys):
+    with pytest.raises(ValueError, match=f"{field} must be an integer >= 1, got 0"):
+        RequestLimits(**{field: 0})
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["reward-server", "--reward", "jpeg_compressibility", f"--{field}", "0"])
+    assert "must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_over_max_body_mb_is_413(limited_url, chunked):
+    body = b" " * (2 * 1024 * 1024 + 1)
+    # A chunked body has no Content-Length: the server counts the bytes as they arrive.
+    content = iter([body[: len(body) // 2], body[len(body) // 2 :]]) if chunked else body
+    response = httpx.post(f"{limited_url}/score", content=content)
+    assert response.status_code == 413
+    assert "over the server's max_body_mb (2 MiB)" in response.json()["detail"]
+    assert_still_serving(limited_url)
+
+
+def test_too_many_images_is_413_before_any_image_is_decoded(limited_url):
+    response = post_score(limited_url, ["not an image"] * 5)  # refused for the count, not for the bad base64
+    assert response.status_code == 413
+    assert response.json()["detail"] == (
+        "request too large: 5 images, over the server's max_images (4): send fewer per request (the remote "
+        "reward's batch_size)."
+    )
+    assert_still_serving(limited_url)
+
+
+def test_an_image_over_max_image_base64_mb_is_413(limited_url):
+    response = post_score(limited_url, ["A" * (1024 * 1024 + 4)])
+    assert response.status_code == 413
+    assert (
+        "images[0] is 1,048,580 characters of base64, over the server's max_image_base64_mb (1 MiB)"
+        in (response.json()["detail"])
+    )
+
+
+@pytest.mark.parametrize("format", ["PNG", "WEBP"])
+def test_an_image_over_max_image_pixels_is_413_from_its_header(limited_url, format):
+    at_the_limit, over_it = Image.new("L", (64, 64)), Image.new("L", (65, 64))
+    assert post_score(limited_url, [png_base64(at_the_limit, format)]).status_code == 200
+    response = post_score(limited_url, [png_base64(at_the_limit, format), png_base64(over_it, format)])
+    assert response.status_code == 413
+    assert "images[1] is 65x64 (4,160 pixels), over the server's max_image_pixels (4,096)" in response.json()["detail"]
+
+
+def test_a_request_over_a_limit_fails_the_remote_reward_at_once_with_the_servers_message(limited_url):
+    reward = get_reward("remote", url=limited_url, batch_size=5, backoff=30.0)
+    start = time.perf_counter()
+    with pytest.raises(RemoteRewardError, match=re.escape("rejected the request (HTTP 413: request too large: 5")):
+        reward(noise_images(5, size=8), ["a"] * 5)
+    assert time.perf_counter() - start < 10  # not retried: a retry would wait 30 s
+
+
+def test_images_are_decoded_one_batch_at_a_time():
+    """Each batch of `max_batch_size` images is decoded just before the reward scores it, so that a request of many
+    small files that decode to large images holds one batch of pixels at a time: here the reward has scored the first
+    two batches when the last image turns out to be corrupt past its header, and the request is still a 400."""
+    batch_sizes = []
+
+    def counting_reward(images, prompts, **kwargs):
+        batch_sizes.append(len(images))
+        return [0.0] * len(images)
+
+    buffer = io.BytesIO()
+    noise_images(1, size=64)[0].save(buffer, format="PNG")
+    truncated = base64.b64encode(buffer.getvalue()[: buffer.tell() // 2]).decode()  # its header opens; no pixels
+    with running(create_app({"counting": counting_reward}, max_batch_size=2)) as base_url:
+        response = post_score(base_url, [png_base64(image) for image in noise_images(4)] + [truncated])
+    assert response.status_code == 400
+    assert "images[4] is not a readable PNG or WebP image (image file is truncated" in response.json()["detail"]
+    assert batch_sizes == [2, 2]
+
+
+# ------------------------------------------------------------------------------------------------- exposure
+
+
+@pytest.fixture
+def uvicorn_runs(monkeypatch):
+    """What `serve` passes to `uvicorn.run`, which is replaced so that nothing listens."""
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: calls.append(options))
+    return calls
+
+
+def test_the_server_listens_on_loopback_by_default(uvicorn_runs):
+    assert build_parser().parse_args(["reward-server", "--reward", "jpeg_compressibility"]).host == "127.0.0.1"
+    serve({"jpeg_compressibility": jpeg_compressibility})
+    assert uvicorn_runs[0]["host"] == "127.0.0.1"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1", "127.0.0.2"])
+def test_loopback_hosts_need_no_token(uvicorn_runs, host):
+    serve({"jpeg_compressibility": jpeg_compressibility}, host=host)
+    assert uvicorn_runs[0]["host"] == host
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "", "192.168.1.20", "gpu-box"])
+def test_other_hosts_need_a_token_or_the_explicit_opt_out(uvicorn_runs, host, caplog):
+    rewards = {"jpeg_compressibility": jpeg_compressibility}
+    with pytest.raises(ValueError, match=f"refusing to serve on {host!r} without a token"):
+        serve(rewards, host=host)
+    with pytest.raises(ValueError, match="refusing"):
+        serve(rewards, host=host, token="")  # an empty token is no token
+    assert uvicorn_runs == []
+    serve(rewards, host=host, token=TOKEN)
+    with caplog.at_level(logging.WARNING, logger="trl_nft.rewards.server"):
+        serve(rewards, host=host, allow_unauthenticated=True)
+    assert [call["host"] for call in uvicorn_runs] == [host, host]
+    assert "without a token (--allow_unauthenticated)" in caplog.text
+
+
+def test_the_cli_refuses_a_network_host_without_a_token_before_loading_anything(monkeypatch, uvicorn_runs):
+    monkeypatch.delenv("TRL_NFT_REWARD_TOKEN", raising=False)
+    # The module does not exist: the refusal comes before it would be imported.
+    argv = ["reward-server", "--reward", "jpeg_compressibility", "--import", "no_such_module", "--host", "0.0.0.0"]
+    with pytest.raises(
+        SystemExit,
+        match=r"trl-nft reward-server: refusing to serve on '0.0.0.0' without a token.*"
+        r"--token or \$TRL_NFT_REWARD_TOKEN.*--allow_unauthenticated",
+    ):
+        main(argv)
+    main(["reward-server", "--reward", "jpeg_compressibility", "--host", "0.0.0.0", "--allow_unauthenticated"])
+    monkeypatch.setenv("TRL_NFT_REWARD_TOKEN", TOKEN)
+    main(["reward-server", "--reward", "jpeg_compressibility", "--host", "0.0.0.0"])
+    assert [call["host"] for call in uvicorn_runs] == ["0.0.0.0", "0.0.0.0"]
+
+
+def test_tokens_are_compared_in_constant_time(url, monkeypatch):
+    """The token is checked with `secrets.compare_digest`, whose time does not depend on where the given token first
+    differs (a plain `==` would let a client guess it one character at a time)."""
+    import secrets
+
+    compared = []
+
+    def recording_compare_digest(given, expected):
+        compared.append((given, expected))
+        return given == expected
+
+    monkeypatch.setattr(secrets, "compare_digest", recording_compare_digest)
+    payload = {"reward": "nan_reward", "images": [], "prompts": []}
+    for given in ("s3cret-tokem", TOKEN):
+        httpx.post(f"{url}/score", json=payload, headers={"Authorization": f"Bearer {given}"})
+    assert compared == [(b"s3cret-tokem", TOKEN.encode()), (TOKEN.encode(), TOKEN.encode())]
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "",
+        "Bearer",
+        f"Basic {TOKEN}",
+        TOKEN,
+        f"Bearer  {TOKEN}",
+        f"Bearer {TOKEN}x",
+        f"Bearer {TOKEN[:-1]}",
+    ],
+)
+def test_anything_but_the_exact_bearer_token_is_401(url, authorization):
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = httpx.post(f"{url}/score", json={"reward": "nan_reward", "images": [], "prompts": []}, headers=headers)
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    accepted = httpx.post(
+        f"{url}/score",
+        json={"reward": "nan_reward", "images": [], "prompts": []},
+        headers={"Authorization": f"bearer {TOKEN}"},  # the scheme is case-insensitive (RFC 7235)
+    )
+    assert accepted.json() == {"rewards": []}
+
+
+# --------------------------------------------------------------------------------------------- server restarts
+
+
+def retry_messages(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "trl_nft.rewards.remote"]
+
+
+def test_the_remote_reward_rides_out_a_server_killed_mid_request_and_restarted(tmp_path, caplog):
+    """The server is killed (SIGKILL, as a crash or an OOM kill would) while it scores a request, and a server is
+    started again on the same port while the remote reward is retrying: the call in flight succeeds once it is back.
+    (The restarted server runs in this process, sparing a second start-up of the command line; the client cannot
+    tell the difference.)"""
+    (tmp_path / "hanging_rewards.py").write_text(
+        textwrap.dedent(
+            """
+            import os
+            import pathlib
+            import threading
+
+            from trl_nft import register_reward
+            from trl_nft.rewards.jpeg import jpeg_compressibility
+
+            calls = 0
+
+
+            @register_reward("jpeg_then_hang")
+            def jpeg_then_hang(images, prompts, **kwargs):
+                # jpeg_compressibility at the first call; later calls hang until the server is killed.
+                global calls
+                calls += 1
+                if calls > 1:
+                    pathlib.Path(os.environ["HANG_MARKER"]).touch()
+                    threading.Event().wait()
+                return jpeg_compressibility(images, prompts)
+            """
+        )
+    )
+    marker = tmp_path / "scoring"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    images, prompts = noise_images(2), ["a", "b"]
+    expected = jpeg_compressibility(images, prompts)
+    # Waits of 0.1, 0.2, ... 51.2 s between the 11 attempts: about 100 s for a server to come back.
+    reward = remote(url, reward="jpeg_then_hang", max_retries=10, backoff=0.1)
+    env = {"PYTHONPATH": str(tmp_path), "HANG_MARKER": str(marker)}
+    process = start_cli_server(port, "--import", "hanging_rewards", "--reward", "jpeg_then_hang", env=env)
+    outcome = {}
+
+    def score():
+        try:
+            outcome["rewards"] = reward(images, prompts)
+        except Exception as error:
+            outcome["error"] = error
+
+    try:
+        assert reward(images, prompts) == expected
+        caller = threading.Thread(target=score)
+        with caplog.at_level(logging.WARNING, logger="trl_nft.rewards.remote"):
+            caller.start()
+            while not marker.exists():  # the server is scoring the request
+                assert caller.is_alive(), outcome
+                time.sleep(0.05)
+            process.kill()
+            process.wait(timeout=10)
+            while not any("ConnectError" in message for message in retry_messages(caplog)):  # retrying, refused
+                assert caller.is_alive(), outcome
+                time.sleep(0.05)
+            app = create_app({"jpeg_then_hang": jpeg_compressibility}, token=TOKEN)
+            with running(app, port):
+                caller.join(timeout=200)
+        assert outcome == {"rewards": expected}
+        retries = retry_messages(caplog)
+        # Cut off mid-request, then refused while down, each retry numbered.
+        assert re.search(r"failed \((RemoteProtocolError|ReadError)", retries[0])
+        assert "retry 1 of 10" in retries[0] and "ConnectError" in retries[1] and "retry 2 of 10" in retries[1]
+    finally:
+        process.kill()
         process.wait(timeout=10)
+
+
+def test_a_server_that_stays_down_fails_clearly_after_logging_each_retry(caplog):
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    reward = remote(url, reward="jpeg_compressibility", max_retries=3)
+    with caplog.at_level(logging.WARNING, logger="trl_nft.rewards.remote"):
+        with pytest.raises(
+            RemoteRewardError,
+            match=rf"remote_jpeg_compressibility: {url}/score failed after 4 attempts; last failure: ConnectError.*"
+            r"is the reward server running and reachable\?",
+        ):
+            reward(noise_images(1), ["a"])
+    retries = retry_messages(caplog)
+    assert len(retries) == 3
+    for number, message in enumerate(retries, start=1):
+        assert f"{url}/score failed (ConnectError" in message and f"retry {number} of 3 in" in message

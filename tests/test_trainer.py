@@ -404,7 +404,7 @@ def test_resolution_the_model_cannot_take(make_config, prompts_dataset, resoluti
 
 
 def test_unknown_or_non_flow_sampler(make_config, prompts_dataset):
-    with pytest.raises(ValueError, match="not a diffusers scheduler class"):
+    with pytest.raises(ValueError, match="sampler='Euler' is invalid: give a diffusers scheduler class name"):
         _trainer(make_config, prompts_dataset, sampler="Euler")
     with pytest.raises(ValueError, match="cannot sample a rectified-flow model"):
         _trainer(make_config, prompts_dataset, sampler="DDPMScheduler")

@@ -7,7 +7,7 @@ import pytest
 import torch
 from datasets import Dataset
 from diffusers import UniPCMultistepScheduler
-from families import assert_the_saved_lora_reproduces_the_policy, run_trl_nft
+from families import assert_the_saved_lora_reproduces_the_policy, module_calls, run_trl_nft
 from learning import brightness, eval_gain
 
 from trl_nft import DiffusionNFTTrainer
@@ -17,20 +17,6 @@ from trl_nft.models import ZImageAdapter, get_adapter, load_pipeline
 
 PROMPTS = ["a cat", "a photo of object number 3"]  # of different lengths: the padded batch has a real mask
 OWN_SAMPLER = "FlowMatchEulerDiscreteScheduler"  # Z-Image's own, which a plain pipeline call drives
-
-
-def _transformer_calls(transformer, run) -> list[tuple[tuple, list[torch.Tensor]]]:
-    """The positional arguments (latent frames, time, captions) and the output of every transformer call of `run()`."""
-    calls = []
-    hook = transformer.register_forward_hook(
-        lambda module, args, kwargs, output: calls.append((args, output[0])), with_kwargs=True
-    )
-    try:
-        with torch.no_grad():
-            run()
-    finally:
-        hook.remove()
-    return calls
 
 
 def test_tiny_z_image_is_embedded_deterministic_and_keeps_each_prompts_own_tokens():
@@ -73,7 +59,7 @@ def test_velocity_is_the_negated_output_of_the_pipelines_own_transformer_call(gu
     assert adapter.pipeline_guidance() == {
         "guidance_scale": guidance_scale - 1
     }  # the pipeline's `pos + w'(pos - neg)`
-    calls = _transformer_calls(
+    calls = module_calls(
         pipeline.transformer,
         lambda: pipeline(
             prompt=list(PROMPTS),  # a copy: the pipeline rewrites the list it is given
@@ -91,10 +77,10 @@ def test_velocity_is_the_negated_output_of_the_pipelines_own_transformer_call(gu
     captions = adapter._unpadded(conditioning, "prompt_embeds")
     if adapter.classifier_free_guidance:
         captions += adapter._unpadded(conditioning, "negative_prompt_embeds")
-    for (frames, times, pipeline_captions), output in calls:
+    for (frames, times, pipeline_captions), _, output in calls:
         assert all(torch.equal(ours, theirs) for ours, theirs in zip(captions, pipeline_captions, strict=True))
         latents, sigmas = torch.stack(frames[:2]).squeeze(2), 1 - times[:2]  # the conditional half, at flow time t
-        [((our_frames, our_times, our_captions), _)] = _transformer_calls(
+        [((our_frames, our_times, our_captions), _, _)] = module_calls(
             pipeline.transformer,
             lambda latents=latents, sigmas=sigmas: adapter.predict_velocity(
                 pipeline.transformer, latents, sigmas, conditioning

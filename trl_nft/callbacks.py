@@ -11,15 +11,17 @@ from transformers import TrainerCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.utils import logging
 
+from .media import frame_strip, save_gif
+
 
 logger = logging.get_logger(__name__)
 
 
 class SampleLoggingCallback(TrainerCallback):
-    """Every `every_steps` optimizer steps, a grid of the latest rollout's images (one per prompt first) with their
-    prompts and rewards:
-    saved as `output_dir/samples/step_<N>.png` and sent to TensorBoard, Weights & Biases and Trackio when those are in
-    `report_to`. Main process only; the images are that process's share of the rollout."""
+    """Every `every_steps` optimizer steps, a grid of the latest rollout's images (one per prompt first; videos as
+    strips of frames, and also played in an animated GIF next to it) with their prompts and rewards:
+    saved as `output_dir/samples/step_<N>.png` (and `.gif`) and sent to TensorBoard, Weights & Biases (with the GIF
+    as a video) and Trackio when those are in `report_to`. Main process only; the images are that process's share of the rollout."""
 
     def __init__(self, trainer, every_steps: int, num_images: int = 8):
         self.trainer, self.every_steps, self.num_images = trainer, every_steps, num_images
@@ -30,10 +32,19 @@ class SampleLoggingCallback(TrainerCallback):
         if state.global_step % self.every_steps != 0 or not state.is_world_process_zero or samples is None:
             return
         chosen = spread_over_prompts(self.num_images, samples[1])
-        grid = sample_grid(*([column[i] for i in chosen] for column in samples), columns=self.columns)
+        shown, prompts, rewards = ([column[i] for i in chosen] for column in samples)
+        grid = sample_grid(shown, prompts, rewards, columns=self.columns)
         folder = os.path.join(args.output_dir, "samples")
         os.makedirs(folder, exist_ok=True)
         grid.save(os.path.join(folder, f"step_{state.global_step:06d}.png"))
+        animation = None
+        if isinstance(shown[0], list):  # videos: the grid above shows frames of each; this one plays them
+            frames = [
+                sample_grid([video[t] for video in shown], prompts, rewards, self.columns)
+                for t in range(len(shown[0]))
+            ]
+            animation = os.path.join(folder, f"step_{state.global_step:06d}.gif")
+            save_gif(frames, animation)
         for callback in self.trainer.callback_handler.callbacks:
             if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
                 callback.tb_writer.add_image("train/samples", np.asarray(grid), state.global_step, dataformats="HWC")
@@ -41,7 +52,10 @@ class SampleLoggingCallback(TrainerCallback):
             import wandb
 
             if wandb.run is not None:
-                wandb.log({"train/samples": wandb.Image(grid)}, step=state.global_step)
+                logged = {"train/samples": wandb.Image(grid)}
+                if animation is not None:
+                    logged["train/videos"] = wandb.Video(animation)
+                wandb.log(logged, step=state.global_step)
         if "trackio" in args.report_to:
             import trackio
 
@@ -107,8 +121,10 @@ MIN_TILE_WIDTH = 128
 CAPTION_LINE_HEIGHT = 12
 
 
-def sample_grid(images: list[Image.Image], prompts: list[str], rewards: list[float], columns: int = 4) -> Image.Image:
-    """Images in rows of `columns`, each under a caption: its reward, then its prompt on up to two lines."""
+def sample_grid(images: list, prompts: list[str], rewards: list[float], columns: int = 4) -> Image.Image:
+    """Images in rows of `columns`, each under a caption: its reward, then its prompt on up to two lines. A video (a
+    list of frames) shows as a strip of four of its frames."""
+    images = [frame_strip(image) if isinstance(image, list) else image for image in images]
     scale = -(-MIN_TILE_WIDTH // images[0].width)  # ceiling division: 1 for images already wide enough
     width, height = images[0].width * scale, images[0].height * scale
     caption = 3 * CAPTION_LINE_HEIGHT

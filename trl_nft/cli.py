@@ -10,6 +10,8 @@ import importlib.resources as resources
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 
 import torch
@@ -51,10 +53,17 @@ def _add_nft_parser(subparsers) -> None:
 
 def nft(argv: list[str]) -> int:
     """Launch `trl_nft/scripts/nft.py` with `accelerate launch`, as TRL launches its training scripts: flags that
-    the script does not know (`--num_processes`, `--accelerate_config NAME_OR_FILE`, ...) go to accelerate."""
-    from accelerate.commands.launch import launch_command, launch_command_parser
+    the script does not know (`--num_processes`, `--accelerate_config NAME_OR_FILE`, ...) go to accelerate.
+
+    Ends with the training's exit code (128 + N when signal N ended it). SIGINT and SIGTERM reach the training
+    process(es), which stop after the current optimizer step (a second SIGINT: at once), and the training never
+    outlives this process (`trl_nft.signals.exit_with_launcher`). See docs/reliability.md."""
+    from accelerate.commands import launch as accelerate_launch
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from .scripts import nft as script
+    from .signals import LAUNCHER_PID_ENV
 
     argv = script.with_model_preset(script.merge_repeated_flags(argv))
     parser = script.make_parser(prog="trl nft")
@@ -66,8 +75,62 @@ def nft(argv: list[str]) -> int:
         raise SystemExit(f"trl nft: {error}") from error
     launch_args = _accelerate_config_file(config_remaining + cli_remaining)
     script_argv = _without_subsequence(argv, cli_remaining)
-    launch_command(launch_command_parser().parse_args([*launch_args, script.__file__, *script_argv]))
+    launch_args = accelerate_launch.launch_command_parser().parse_args([*launch_args, script.__file__, *script_argv])
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # inherited by the training processes: they die with us
+    # accelerate's single-process launcher neither forwards signals nor returns the exit code (it raises
+    # CalledProcessError, a second traceback); ours, in its place, does both. Multi-process runs (and local DeepSpeed)
+    # go through torch.distributed.run, whose agent already forwards SIGINT/SIGTERM to every rank.
+    original_simple_launcher = accelerate_launch.simple_launcher
+    accelerate_launch.simple_launcher = _simple_launcher
+    try:
+        accelerate_launch.launch_command(launch_args)
+    except ChildFailedError as error:  # each failed rank printed its own traceback
+        _, failure = error.get_first_failure()
+        return _exit_code(failure.exitcode)
+    except SignalException as error:  # the agent stopped the ranks on this signal (on a second one: with SIGTERM)
+        return 128 + error.sigval
+    except KeyboardInterrupt:  # SIGINT before any training process started
+        return 128 + signal.SIGINT
+    finally:
+        accelerate_launch.simple_launcher = original_simple_launcher
     return 0
+
+
+def _simple_launcher(args: argparse.Namespace) -> None:
+    """accelerate's `simple_launcher` (the same command and environment), but the training process runs in its own
+    session and this process forwards SIGINT and SIGTERM to it; a failure exits with its exit code."""
+    from accelerate.utils import prepare_simple_launcher_cmd_env
+
+    command, env = prepare_simple_launcher_cmd_env(args)
+    # Its own session, as torch.distributed.run starts its ranks: a Ctrl-C in the terminal then reaches this process
+    # alone, which forwards it once. In our process group the training would get it twice, and a second SIGINT means
+    # "stop at once".
+    process = subprocess.Popen(command, env=env, start_new_session=True)
+    interrupts = 0
+
+    def forward(signum, frame):
+        nonlocal interrupts
+        interrupts += signum == signal.SIGINT
+        # A first signal stops the training after its step, a second SIGINT at once; a third finds it stuck.
+        process.send_signal(signal.SIGKILL if interrupts >= 3 else signum)
+
+    # Until these are in place (a few instructions), a signal ends this process; the training then gets SIGTERM from
+    # the kernel (`exit_with_launcher`), as if forwarded.
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        returncode = process.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if returncode < 0:  # no traceback to read: say what happened (the OOM killer's SIGKILL, ...)
+        print(f"trl nft: the training process was killed by {signal.Signals(-returncode).name}.", file=sys.stderr)
+    if returncode != 0:
+        raise SystemExit(_exit_code(returncode))
+
+
+def _exit_code(returncode: int) -> int:
+    """A child's return code as a shell reports it: 128 + N for a child killed by signal N."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def _accelerate_config_file(launch_args: list[str]) -> list[str]:
@@ -112,7 +175,16 @@ def _reward_kwargs(text: str) -> tuple[str, dict]:
     return name, options
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
 def _add_reward_server_parser(subparsers) -> None:
+    from .rewards.server import RequestLimits
+
     parser = subparsers.add_parser(
         "reward-server",
         help="serve reward functions over HTTP, for the `remote` reward",
@@ -148,7 +220,37 @@ def _add_reward_server_parser(subparsers) -> None:
         default=os.environ.get(TOKEN_ENV_VAR),
         help=f"require 'Authorization: Bearer TOKEN' on /score (default: ${TOKEN_ENV_VAR}; none if unset)",
     )
-    parser.add_argument("--batch_size", type=int, default=32, help="most images per call to a reward")
+    parser.add_argument(
+        "--allow_unauthenticated",
+        action="store_true",
+        help="serve on a non-loopback --host without a token (refused otherwise); only on a trusted network",
+    )
+    parser.add_argument("--batch_size", type=_positive_int, default=32, help="most images per call to a reward")
+    limits = RequestLimits()  # the defaults; a request over a limit is refused with 413
+    parser.add_argument(
+        "--max_body_mb",
+        type=_positive_int,
+        default=limits.max_body_mb,
+        help="most MiB in a request body (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max_images",
+        type=_positive_int,
+        default=limits.max_images,
+        help="most images in a request (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max_image_base64_mb",
+        type=_positive_int,
+        default=limits.max_image_base64_mb,
+        help="most MiB of base64 text for one image (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max_image_pixels",
+        type=_positive_int,
+        default=limits.max_image_pixels,
+        help="most pixels (width x height) in one image, read from its header before decoding (default: %(default)s)",
+    )
     parser.add_argument(
         "--device", default=None, help="device of model-backed rewards (default: cuda when available, else cpu)"
     )
@@ -157,8 +259,13 @@ def _add_reward_server_parser(subparsers) -> None:
 
 
 def reward_server(args: argparse.Namespace) -> None:
-    from .rewards.server import serve
+    from .rewards.server import RequestLimits, check_exposure, serve
 
+    token = args.token or None
+    try:  # before anything is imported or loaded
+        check_exposure(args.host, token, args.allow_unauthenticated)
+    except ValueError as error:
+        raise SystemExit(f"trl-nft reward-server: {error}") from error
     for module in args.imports:
         importlib.import_module(module)
     kwargs = dict(args.reward_kwargs)
@@ -175,7 +282,21 @@ def reward_server(args: argparse.Namespace) -> None:
         if isinstance(reward, RewardModel):
             reward.to(device, DTYPES[args.dtype])
         rewards[name] = reward
-    serve(rewards, host=args.host, port=args.port, token=args.token or None, max_batch_size=args.batch_size)
+    limits = RequestLimits(
+        max_body_mb=args.max_body_mb,
+        max_images=args.max_images,
+        max_image_base64_mb=args.max_image_base64_mb,
+        max_image_pixels=args.max_image_pixels,
+    )
+    serve(
+        rewards,
+        host=args.host,
+        port=args.port,
+        token=token,
+        allow_unauthenticated=args.allow_unauthenticated,
+        max_batch_size=args.batch_size,
+        limits=limits,
+    )
 
 
 if __name__ == "__main__":

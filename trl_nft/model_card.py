@@ -9,6 +9,7 @@ import yaml
 from PIL import Image
 
 from .embedded import EMBEDDED_MODELS
+from .media import save_gif
 
 
 TAGS = ["trl", "trl-nft", "diffusion-nft", "lora", "diffusers", "text-to-image"]
@@ -88,7 +89,11 @@ def usage_code(
     # `prompt=` by name: not every pipeline takes it first (FLUX.2-klein's first argument is an image).
     arguments = [f"prompt={json.dumps(prompt, ensure_ascii=False)}"]
     arguments += [f"{key}={value!r}" for key, value in (call_kwargs or {}).items()]
-    return f"{imports}\n\n{device}\n{load}\n{add}\nimage = pipeline({', '.join(arguments)}).images[0]"
+    # A video pipeline returns `frames` (one list of frames per video), an image pipeline `images`.
+    output = (
+        "video = pipeline({}).frames[0]" if "num_frames" in (call_kwargs or {}) else "image = pipeline({}).images[0]"
+    )
+    return f"{imports}\n\n{device}\n{load}\n{add}\n" + output.format(", ".join(arguments))
 
 
 def write_model_card(
@@ -119,8 +124,12 @@ def write_model_card(
     os.makedirs(os.path.join(output_dir, "images"), exist_ok=True)
     widget = []
     for i, (image, prompt) in enumerate(samples):
-        path = f"images/sample_{i}.png"
-        image.save(os.path.join(output_dir, path))
+        if isinstance(image, list):  # a video's frames: an animated GIF, which the Hub shows playing
+            path = f"images/sample_{i}.gif"
+            save_gif(image, os.path.join(output_dir, path))
+        else:
+            path = f"images/sample_{i}.png"
+            image.save(os.path.join(output_dir, path))
         widget.append({"text": prompt, "output": {"url": path}})
     metadata = {
         **({"base_model": base_model} if base_model else {}),

@@ -1,11 +1,22 @@
 """Configuration of the `DiffusionNFTTrainer`."""
 
-from dataclasses import dataclass, field
+import functools
+import inspect
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field, fields
 
+import diffusers
 import torch
+from diffusers import SchedulerMixin
 from transformers import TrainingArguments
 
+from .checkpointing import resolve_resume_checkpoint
 from .objective import DECAY_SCHEDULES, LOSS_TYPES, REWARD_SCALES
+from .rewards.scoring import FAILURE_POLICIES
+from .rewards.video import FRAME_AGGREGATIONS
 
 
 @dataclass
@@ -55,6 +66,9 @@ class NFTConfig(TrainingArguments):
         Maximum prompt length in tokens of the family's long text encoder (T5 for SD3 and FLUX.1, Qwen2.5-VL for
         Qwen-Image, Qwen3 for FLUX.2-klein and Z-Image), capped at what its tokenizer and pipeline take; CLIP-only
         families (SD1.x, SDXL) ignore it. FLUX.1 and FLUX.2-klein pad every prompt to it.
+    num_frames (`int` or `None`, *optional*, defaults to `None`):
+        Frames per video, for video models (Wan 2.1: `4 k + 1`); `None` takes the model's default. Image models take
+        none: setting it for one is an error.
 
     > Parameters that control the rewards
 
@@ -69,6 +83,24 @@ class NFTConfig(TrainingArguments):
         Score each chunk of `per_device_train_batch_size` rollout images in a background thread while the next chunk
         is sampled. Worth it when rewards are slow on the CPU or remote (a reward server, a VLM judge). Results are
         identical either way: every chunk is scored on its own in both modes.
+    video_reward_frames (`int` or `None`, *optional*, defaults to `None`):
+        How image rewards score a video (docs/rewards.md, "Rewards on videos"): this many evenly spaced frames of it
+        (the first and the last included), each as an image; `None` scores every frame. Video-aware rewards (a
+        `videos` parameter) receive whole videos instead.
+    video_reward_aggregation (`str`, *optional*, defaults to `"mean"`):
+        How the scores of a video's frames make its reward: `"mean"` or `"min"` (the worst frame).
+    reward_failure_policy (`str`, *optional*, defaults to `"fail"`):
+        What a reward that raises, times out or returns a non-finite value does (docs/reliability.md): `"fail"` stops
+        the run with an error naming it; `"retry"` retries a call that raised or timed out `reward_retries` times with
+        backoff, then stops; `"drop"` retries likewise, then drops the samples it could not score (and those scored
+        non-finite) from the update, counted in `faults/dropped_samples`. Nothing is ever scored 0 silently.
+    reward_retries (`int`, *optional*, defaults to `3`):
+        Retries of a failed reward call under the `"retry"` and `"drop"` policies (logged as `faults/reward_retries`).
+    reward_retry_backoff (`float`, *optional*, defaults to `1.0`):
+        Seconds before the first retry; the wait doubles at each retry.
+    reward_timeout (`float` or `None`, *optional*, defaults to `None`):
+        Seconds a reward call may take before it counts as failed; `None` waits for ever. (A remote reward has its own
+        request timeout as well.)
 
     > Parameters that control the NFT update
 
@@ -96,6 +128,11 @@ class NFTConfig(TrainingArguments):
         Ceiling of the linear schedule, and the value of the constant one. The released OCR run uses `0.999`.
     old_policy_decay_delay (`int`, *optional*, defaults to `0`):
         Steps during which the linear schedule stays at 0 (fully on-policy). The released OCR run uses `75`.
+    max_nonfinite_steps (`int`, *optional*, defaults to `3`):
+        An optimizer step whose gradients are not finite (a NaN or infinite loss) is skipped: the weights and the
+        optimizer's moments stay as they were, and `faults/nonfinite_steps_skipped` counts it. Up to this many such
+        steps in a row are skipped; one more stops the run with an error (the last checkpoint stays resumable). `0`
+        stops at the first.
 
     > Parameters that control evaluation and watching the run
 
@@ -146,6 +183,14 @@ class NFTConfig(TrainingArguments):
     lora_target_modules (`list[str]` or `None`, *optional*, defaults to `None`):
         Modules LoRA adapts. `None` uses the model family's default (for SD3, the attention projections of the
         released code).
+
+    > Parameters that control resuming
+
+    resume_from_checkpoint (`str` or `None`, *optional*, defaults to `None`):
+        The checkpoint to resume from (passed to `train()` by `trl nft`): a checkpoint folder
+        (`<output_dir>/checkpoint-N`), or `"true"` (or `"last"`, any case) for the newest whole checkpoint in
+        `output_dir`. Checked here, before the model loads: a `ValueError` when there is no such checkpoint, or when
+        the folder is not a whole checkpoint (it says what is missing).
     """
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["sampler_kwargs"]
@@ -167,6 +212,12 @@ class NFTConfig(TrainingArguments):
     bf16: bool | None = field(
         default=None,
         metadata={"help": "bf16 mixed precision (frozen weights stored in bf16). `None`: on when CUDA is available."},
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "A checkpoint folder to resume from, or 'true' (or 'last') for the newest whole one in output_dir."
+        },
     )
 
     # Model and rollouts
@@ -201,6 +252,9 @@ class NFTConfig(TrainingArguments):
             "help": "Maximum prompt length in tokens of the long text encoder (T5, Qwen2.5-VL), capped by its tokenizer."
         },
     )
+    num_frames: int | None = field(
+        default=None, metadata={"help": "Frames per video, for video models (Wan: 4 k + 1); None: the model's own."}
+    )
 
     # Rewards
     reward_weights: list[float] | None = field(
@@ -212,6 +266,24 @@ class NFTConfig(TrainingArguments):
     advantage_clip: float = field(default=5.0, metadata={"help": "A_max in r = 0.5 + 0.5 clip(A / A_max, -1, 1)."})
     overlap_reward_scoring: bool = field(
         default=False, metadata={"help": "Score a rollout chunk in a background thread while the next is sampled."}
+    )
+    video_reward_frames: int | None = field(
+        default=None,
+        metadata={"help": "Evenly spaced frames of a video that image rewards score; None: every frame."},
+    )
+    video_reward_aggregation: str = field(
+        default="mean", metadata={"help": "How a video's frame scores make its reward: 'mean' or 'min'."}
+    )
+    reward_failure_policy: str = field(
+        default="fail",
+        metadata={"help": "A reward that raises, times out or returns NaN: 'fail', 'retry' (then fail) or 'drop'."},
+    )
+    reward_retries: int = field(default=3, metadata={"help": "Retries of a failed reward call ('retry', 'drop')."})
+    reward_retry_backoff: float = field(
+        default=1.0, metadata={"help": "Seconds before the first reward retry; doubles at each retry."}
+    )
+    reward_timeout: float | None = field(
+        default=None, metadata={"help": "Seconds a reward call may take before it counts as failed; None: no limit."}
     )
 
     # NFT update
@@ -230,6 +302,9 @@ class NFTConfig(TrainingArguments):
     old_policy_decay_rate: float = field(default=0.001, metadata={"help": "Slope of the linear decay schedule."})
     old_policy_decay_max: float = field(default=0.5, metadata={"help": "Ceiling (linear) or value (constant)."})
     old_policy_decay_delay: int = field(default=0, metadata={"help": "Steps at decay 0 before the linear ramp."})
+    max_nonfinite_steps: int = field(
+        default=3, metadata={"help": "Optimizer steps with non-finite gradients skipped in a row before stopping."}
+    )
 
     # Evaluation and watching the run
     ema_decay: float = field(
@@ -275,17 +350,54 @@ class NFTConfig(TrainingArguments):
     def __post_init__(self):
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_available() and not self.fp16
+        if isinstance(self.sampler_kwargs, str):  # JSON from the command line; parsed here to name the field on error
+            try:
+                self.sampler_kwargs = json.loads(self.sampler_kwargs)
+            except json.JSONDecodeError as error:
+                raise ValueError(
+                    f"sampler_kwargs={self.sampler_kwargs!r} is invalid: give a JSON object such as "
+                    f"'{{\"solver_order\": 1}}' ({error})."
+                ) from error
         super().__post_init__()
 
         def check(condition: bool, field_name: str, requirement: str) -> None:
             if not condition:
                 raise ValueError(f"{field_name}={getattr(self, field_name)!r} is invalid: {requirement}.")
 
+        # The values' types first, so that the range checks below can compare. (`sampler` may also be a scheduler
+        # instance, from Python: checked below.)
+        for name, annotation in _own_field_types().items():
+            if name != "sampler":
+                expected = _expected_type(getattr(self, name), annotation)
+                check(expected is None, name, f"it must be {expected}")
         check(self.num_generations >= 2, "num_generations", "a group needs at least 2 images to compare")
         check(self.num_inference_steps >= 1, "num_inference_steps", "it must be at least 1")
         check(self.guidance_scale >= 1.0, "guidance_scale", "use 1.0 for CFG-free sampling or a value above 1")
         check(self.resolution is None or self.resolution > 0, "resolution", "it must be a positive number of pixels")
         check(self.max_sequence_length >= 1, "max_sequence_length", "it must be at least 1")
+        check(self.num_frames is None or self.num_frames >= 1, "num_frames", "it must be at least 1 (or None)")
+        check(
+            self.video_reward_frames is None or self.video_reward_frames >= 1,
+            "video_reward_frames",
+            "score at least 1 frame per video, or None for every frame",
+        )
+        check(
+            self.video_reward_aggregation in FRAME_AGGREGATIONS,
+            "video_reward_aggregation",
+            f"choose one of {FRAME_AGGREGATIONS}",
+        )
+        check(
+            self.reward_failure_policy in FAILURE_POLICIES,
+            "reward_failure_policy",
+            f"choose one of {FAILURE_POLICIES}",
+        )
+        check(self.reward_retries >= 0, "reward_retries", "it must be 0 or more")
+        check(self.reward_retry_backoff >= 0, "reward_retry_backoff", "it must be 0 or more seconds")
+        check(
+            self.reward_timeout is None or self.reward_timeout > 0,
+            "reward_timeout",
+            "give a positive number of seconds, or None",
+        )
         check(self.scale_rewards in REWARD_SCALES, "scale_rewards", f"choose one of {REWARD_SCALES}")
         check(self.advantage_clip > 0, "advantage_clip", "it must be positive")
         check(self.beta > 0, "beta", "it must be positive")
@@ -300,6 +412,7 @@ class NFTConfig(TrainingArguments):
         check(self.old_policy_decay_rate >= 0, "old_policy_decay_rate", "it must be non-negative")
         check(0 <= self.old_policy_decay_max < 1, "old_policy_decay_max", "it must be in [0, 1)")
         check(self.old_policy_decay_delay >= 0, "old_policy_decay_delay", "it must be non-negative")
+        check(self.max_nonfinite_steps >= 0, "max_nonfinite_steps", "it must be 0 (stop at the first) or more")
         check(self.lora_r >= 1, "lora_r", "it must be at least 1")
         check(0 <= self.ema_decay < 1, "ema_decay", "it must be in [0, 1) (0 turns the EMA off)")
         check(
@@ -316,8 +429,36 @@ class NFTConfig(TrainingArguments):
         check(self.reward_hacking_threshold >= 0, "reward_hacking_threshold", "it must be 0 or positive")
         check(self.sample_logging_steps >= 0, "sample_logging_steps", "it must be 0 (off) or positive")
         check(self.sample_logging_num_images >= 1, "sample_logging_num_images", "it must be at least 1")
-        if self.reward_weights is not None and any(w != w for w in self.reward_weights):
-            raise ValueError("reward_weights contains NaN.")
+        check(
+            self.sampler_kwargs is None or isinstance(self.sampler_kwargs, dict),
+            "sampler_kwargs",
+            "give a JSON object of scheduler settings, such as '{\"solver_order\": 1}'",
+        )
+        check(self.lora_alpha > 0, "lora_alpha", "it must be positive (the LoRA scale is lora_alpha / lora_r)")
+        check(0 <= self.lora_dropout < 1, "lora_dropout", "it must be in [0, 1)")
+        check(
+            self.lora_target_modules is None or len(self.lora_target_modules) > 0,
+            "lora_target_modules",
+            "name at least one module, or None for the model family's default targets",
+        )
+        check(
+            self.reward_weights is None or all(math.isfinite(weight) for weight in self.reward_weights),
+            "reward_weights",
+            "every weight must be a finite number",
+        )
+        check(
+            self.early_stopping_reward is None or math.isfinite(self.early_stopping_reward),
+            "early_stopping_reward",
+            "give a finite reward, or None",
+        )
+        for name in ("sampler", "eval_sampler"):
+            sampler = getattr(self, name)
+            check(
+                sampler is None or isinstance(sampler, SchedulerMixin) or _is_scheduler_class_name(sampler),
+                name,
+                "give a diffusers scheduler class name, such as 'DPMSolverMultistepScheduler' or "
+                "'FlowMatchEulerDiscreteScheduler', or None for the default",
+            )
 
         if self.steps_per_generation is None:
             self.steps_per_generation = self.gradient_accumulation_steps
@@ -334,6 +475,8 @@ class NFTConfig(TrainingArguments):
                 f"{self.images_per_rollout}) must divide into groups of num_generations={self.num_generations}. "
                 "Change one of these so that the product is a multiple of num_generations."
             )
+        if self.resume_from_checkpoint is not None:  # a checkpoint that is missing fails now, before the model loads
+            resolve_resume_checkpoint(self.resume_from_checkpoint, self.output_dir)
 
     def to_dict(self) -> dict:
         # A scheduler instance given as `sampler` is logged by its class name (loggers need JSON).
@@ -355,3 +498,57 @@ class NFTConfig(TrainingArguments):
     @property
     def optimizer_steps_per_rollout(self) -> int:
         return self.steps_per_generation // self.gradient_accumulation_steps
+
+
+@functools.cache
+def _own_field_types() -> dict:
+    """The annotations of the fields NFTConfig adds to TrainingArguments, read from the class: `HfArgumentParser`
+    rewrites the dataclass fields' `type` in place (it drops `None` from `int | None`), so those are not reliable."""
+    inherited = {config_field.name for config_field in fields(TrainingArguments)}
+    hints = typing.get_type_hints(NFTConfig)
+    return {
+        config_field.name: hints[config_field.name]
+        for config_field in fields(NFTConfig)
+        if config_field.name not in inherited
+    }
+
+
+def _expected_type(value, annotation) -> str | None:
+    """None when `value` fits the field's `annotation` (`int`, `float`, `bool`, `str`, `list[...]`, `dict`, unions
+    with `None`), else what it must be. A bool is no number here, and an int is a float."""
+    options = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    for option in options:
+        origin = typing.get_origin(option) or option
+        if option is type(None) and value is None:
+            return None
+        if origin is bool and isinstance(value, bool):
+            return None
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if origin is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return None
+        if origin in (str, dict) and isinstance(value, origin):
+            return None
+        if origin is list and isinstance(value, list | tuple):
+            (item,) = typing.get_args(option)
+            if all(_expected_type(element, item) is None for element in value):
+                return None
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a dict"}
+    plurals = {int: "integers", float: "numbers", str: "strings"}
+    described = []
+    for option in options:
+        if option is type(None):
+            described.append("None")
+        elif typing.get_origin(option) is list:
+            described.append(f"a list of {plurals[typing.get_args(option)[0]]}")
+        else:
+            described.append(names[option])
+    return " or ".join(described)
+
+
+def _is_scheduler_class_name(name) -> bool:
+    return (
+        isinstance(name, str)
+        and inspect.isclass(getattr(diffusers, name, None))
+        and issubclass(getattr(diffusers, name), SchedulerMixin)
+    )

@@ -3,13 +3,13 @@
 import contextlib
 import copy
 import json
+import logging as stdlib_logging
 import math
-import numbers
 import os
 import textwrap
 import time
 import warnings
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -24,10 +24,16 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
+from transformers.utils import logging
 from trl.trainer.utils import RepeatSampler
 
 from .callbacks import EarlyStoppingAtRewardCallback, RewardHackingGuardCallback, SampleLoggingCallback
+from .checkpointing import atomic_checkpoint_dir, remove_interrupted_saves, resolve_resume_checkpoint
 from .embedded import EMBEDDED_MODELS
+from .faults import NonFiniteStepGuard, explain_out_of_memory
 from .model_card import final_reward_values, write_model_card
 from .models import get_adapter, load_pipeline, resolve_model_name
 from .nft_config import NFTConfig
@@ -40,13 +46,24 @@ from .objective import (
     optimality_probability,
     soft_update_,
 )
-from .rewards import RewardFunc, RewardModel, get_reward, reward_name
+from .rewards import RewardFunc, RewardModel, get_reward, required_columns, reward_name
+from .rewards.scoring import RewardFailurePolicy, score_samples
 
+
+logger = logging.get_logger(__name__)
 
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 OLD_POLICY_DIR = "old_policy"
 TRAINED_POLICY_DIR = "policy"  # in checkpoints with an EMA: the raw trained weights (the top level holds the EMA)
 TRAINED_ADAPTER, OLD_ADAPTER = "default", "old"
+_ROLLOUT_MEMORY_ADVICE = (
+    "Rollouts sample per_device_train_batch_size={batch} images at a time: lower it (and raise gradient_accumulation_steps to "
+    "keep the images per optimizer step), or lower resolution (or num_frames)."
+)
+_TRAINING_MEMORY_ADVICE = (
+    "A micro-step trains on per_device_train_batch_size={batch} images: lower it (and raise gradient_accumulation_steps to "
+    "keep the images per optimizer step), or set activation_checkpointing=True."
+)
 
 
 class SoftUpdatesCallback(TrainerCallback):
@@ -135,6 +152,13 @@ class DiffusionNFTTrainer(Trainer):
         self.eval_reward_funcs, self.eval_reward_func_names = (
             _resolve_reward_funcs(eval_reward_funcs) if eval_reward_funcs is not None else ([], [])
         )
+        _check_reward_columns(train_dataset, "train_dataset", self.reward_funcs, self.reward_func_names)
+        if eval_dataset is not None:
+            funcs, func_names = (
+                self.reward_funcs + self.eval_reward_funcs,
+                self.reward_func_names + self.eval_reward_func_names,
+            )
+            _check_reward_columns(eval_dataset, "eval_dataset", funcs, func_names)
         names = self.reward_func_names + self.eval_reward_func_names
         if len(set(names)) < len(names):
             raise ValueError(
@@ -157,8 +181,12 @@ class DiffusionNFTTrainer(Trainer):
         self.base_model_id, self.base_model_path = _base_model(model, self.pipeline)  # for the model card
         self.pipeline.set_progress_bar_config(disable=True)
         self.adapter = get_adapter(
-            self.pipeline, guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length
+            self.pipeline,
+            guidance_scale=args.guidance_scale,
+            max_sequence_length=args.max_sequence_length,
+            num_frames=args.num_frames,
         )
+        self._warn_about_long_prompts(train_dataset)
         self.resolution = args.resolution or self.adapter.default_resolution()
         self.adapter.check_resolution(self.resolution)
         self.adapter.set_sampler(args.sampler, args.sampler_kwargs)
@@ -193,6 +221,10 @@ class DiffusionNFTTrainer(Trainer):
                 module.to(self.accelerator.device)
         self._rollout_seconds = self._reward_seconds = 0.0  # of the current rollout, for the timing metrics
         self._scoring_thread = ThreadPoolExecutor(max_workers=1) if args.overlap_reward_scoring else None
+        self._reward_failure_policy = RewardFailurePolicy(
+            args.reward_failure_policy, args.reward_retries, args.reward_retry_backoff, args.reward_timeout
+        )
+        self._fault_counts: Counter = Counter()  # retried reward calls since the last rollout's metrics
         for func in self.reward_funcs + self.eval_reward_funcs:
             if isinstance(func, RewardModel):  # model-backed rewards run beside the policy, in its precision
                 func.to(self.accelerator.device, weight_dtype)
@@ -201,7 +233,9 @@ class DiffusionNFTTrainer(Trainer):
             self._check_reward_funcs(eval_dataset, self.eval_reward_funcs, self.eval_reward_func_names)
         # The EMA of the trained weights that evaluation and saving use (created here, on the training device).
         self._ema_params = [p.detach().clone() for p in self._trained_params] if args.ema_decay > 0 else None
+        self._metrics: dict[str, list[float]] = defaultdict(list)  # gathered here, averaged at each log
         self.add_callback(SoftUpdatesCallback(self))
+        self.add_callback(NonFiniteStepGuard(self._trained_params, args.max_nonfinite_steps, self._metrics))
         if args.sample_logging_steps:
             self.add_callback(SampleLoggingCallback(self, args.sample_logging_steps, args.sample_logging_num_images))
         if args.early_stopping_reward is not None:
@@ -219,7 +253,6 @@ class DiffusionNFTTrainer(Trainer):
 
         self._step = 0  # micro-steps taken, to know when a new rollout is due
         self._buffered_inputs: list[dict] | None = None
-        self._metrics: dict[str, list[float]] = defaultdict(list)
         self._loss_parts: list[torch.Tensor] = []  # per time, reduced to metrics once per micro-step
 
     # ------------------------------------------------------------------ set-up
@@ -259,6 +292,18 @@ class DiffusionNFTTrainer(Trainer):
             self._old_params = list(self.old_model.parameters())
         soft_update_(self._old_params, self._trained_params, decay=0.0)  # the old policy starts as a copy
 
+    def _warn_about_long_prompts(self, dataset: Dataset, most: int = 20_000) -> None:
+        """One warning for the prompts the text encoders will truncate (the pipeline's own warnings, one per encoding
+        call, are silenced), counted over the first `most` distinct prompts."""
+        prompts = list(dict.fromkeys(dataset["prompt"][:most]))
+        truncated, limits = self.adapter.count_truncated_prompts(prompts)
+        if truncated:
+            scanned = f"the first {len(prompts)} distinct" if len(dataset) > most else f"the {len(prompts)} distinct"
+            logger.warning(
+                f"{truncated} of {scanned} training prompts are longer than the text encoders take ({', '.join(limits)}) "
+                "and are truncated: shorten them, or raise max_sequence_length where the long encoder allows it."
+            )
+
     def _held_out_metric(self, metric: str | None) -> str:
         """The evaluation metric the reward-hacking guard watches: `metric`, else the first held-out reward's mean,
         else the training reward on the evaluation prompts."""
@@ -272,10 +317,12 @@ class DiffusionNFTTrainer(Trainer):
         return metric
 
     def _check_reward_funcs(self, dataset: Dataset, funcs: list[RewardFunc], names: list[str]) -> None:
-        """Score two blank images once, so that a reward function with the wrong output fails before any rollout."""
+        """Score two blank samples once, so that a reward function with the wrong output fails before any rollout."""
         rows = [dataset[i % len(dataset)] for i in range(2)]
-        images = [Image.new("RGB", (self.resolution, self.resolution), (127, 127, 127))] * 2
-        self._score(images, rows, funcs, names)
+        blank = Image.new("RGB", (self.resolution, self.resolution), (127, 127, 127))
+        self._score(
+            [blank if self.adapter.num_frames is None else [blank] * self.adapter.num_frames] * 2, rows, funcs, names
+        )
 
     # ------------------------------------------------------------------ data
 
@@ -367,16 +414,19 @@ class DiffusionNFTTrainer(Trainer):
         num_inference_steps: int,
         reward_funcs: list[RewardFunc],
         reward_func_names: list[str],
-    ) -> tuple[dict, torch.Tensor, torch.Tensor, list[Image.Image], torch.Tensor]:
+    ) -> tuple[dict, torch.Tensor, torch.Tensor, list, torch.Tensor, torch.Tensor]:
         """Sample one image per row with the pipeline's current denoiser, `chunk_size` images at a time, decode each
         chunk to PIL and score it. Returns per-image conditioning, clean latents, the sampler's time grid, the images
-        and the rewards `[num_images, num_funcs]`. Each unique prompt is encoded once.
+        (or videos), the rewards `[num_images, num_funcs]` and which images the reward failure policy dropped. Each
+        unique prompt is encoded once.
 
         Every chunk is scored on its own, so with `overlap_reward_scoring` (a chunk scored in a background thread while
         the next one is sampled) the rewards are exactly those of the sequential order."""
         prompts = [row["prompt"] for row in rows]
         position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
-        encoded = self.adapter.encode_prompts(list(position))
+        # The pipeline's and the tokenizers' truncation warnings: counted once, at start-up, instead.
+        with _quiet(type(self.pipeline).__module__, "transformers.tokenization_utils_base"):
+            encoded = self.adapter.encode_prompts(list(position))
         index = torch.tensor([position[p] for p in prompts], device=self.accelerator.device)
         conditioning = {key: value[index] for key, value in encoded.items()}
         latents, images, scored = [], [], []
@@ -386,10 +436,10 @@ class DiffusionNFTTrainer(Trainer):
             tqdm(total=len(rows), desc="Scoring", unit="img", leave=False, disable=not show) as scoring_bar,
         ):
 
-            def score(chunk_images: list[Image.Image], chunk_rows: list[dict]) -> torch.Tensor:
-                rewards = self._score(chunk_images, chunk_rows, reward_funcs, reward_func_names)
+            def score(chunk_images: list, chunk_rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+                scores = self._score(chunk_images, chunk_rows, reward_funcs, reward_func_names)
                 scoring_bar.update(len(chunk_rows))
-                return rewards
+                return scores
 
             for start in range(0, len(rows), chunk_size):
                 chunk = slice(start, start + chunk_size)
@@ -409,45 +459,42 @@ class DiffusionNFTTrainer(Trainer):
                     scored.append(self._scoring_thread.submit(score, chunk_images, rows[chunk]))
                 else:
                     scored.append(score(chunk_images, rows[chunk]))
-            rewards_per_func = torch.cat([r.result() if isinstance(r, Future) else r for r in scored])
+            rewards_per_func, dropped = (torch.cat(part) for part in zip(*(_result(r) for r in scored), strict=True))
         # Training is CFG-free: only the conditional embeddings are kept.
         conditioning = {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
-        return conditioning, torch.cat(latents), rollout.sigmas, images, rewards_per_func
+        return conditioning, torch.cat(latents), rollout.sigmas, images, rewards_per_func, dropped
 
-    def _decode_to_pil(self, latents: torch.Tensor) -> list[Image.Image]:
-        images = self.adapter.decode(latents)
-        array = (images.permute(0, 2, 3, 1).float().cpu().numpy() * 255).round().astype(np.uint8)
-        return [Image.fromarray(image) for image in array]
+    def _decode_to_pil(self, latents: torch.Tensor) -> list[Image.Image] | list[list[Image.Image]]:
+        """The samples as the rewards see them: PIL images, or for a video family each video's frames."""
+        decoded = self.adapter.decode(latents)  # [B, 3, H, W], or [B, F, 3, H, W]
+        array = (decoded.movedim(-3, -1).float().cpu().numpy() * 255).round().astype(np.uint8)
+        if array.ndim == 4:
+            return [Image.fromarray(image) for image in array]
+        return [[Image.fromarray(frame) for frame in video] for video in array]
 
     def _score(
-        self, images: list[Image.Image], rows: list[dict], funcs: list[RewardFunc], names: list[str]
-    ) -> torch.Tensor:
-        """Rewards `[num_images, num_funcs]` (NaN where a function returned None), each output validated."""
+        self, samples: list, rows: list[dict], funcs: list[RewardFunc], names: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards `[num_samples, num_funcs]` of images (or videos) (NaN where a function returned None), each output
+        validated, under the reward failure policy (`trl_nft.rewards.scoring`), and which samples it dropped."""
         start_time = time.perf_counter()
         prompts = [row["prompt"] for row in rows]
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
-        rewards = torch.full((len(images), len(funcs)), float("nan"))
-        for j, (func, name) in enumerate(zip(funcs, names, strict=True)):
-            output = func(images=images, prompts=prompts, **columns)
-            if isinstance(output, torch.Tensor | np.ndarray):
-                output = output.tolist()
-            if not isinstance(output, list | tuple) or len(output) != len(images):
-                got = f"{len(output)} values" if isinstance(output, list | tuple) else f"a {type(output).__name__}"
-                raise ValueError(
-                    f"Reward function {name!r} returned {got} for {len(images)} images; it must return a list with one "
-                    "float (or None) per image."
-                )
-            for i, value in enumerate(output):
-                if value is None:
-                    continue
-                if not isinstance(value, numbers.Real) or not math.isfinite(value):
-                    raise ValueError(
-                        f"Reward function {name!r} returned {value!r} for image {i} (prompt {prompts[i]!r}); rewards must "
-                        "be finite floats, or None where the reward does not apply."
-                    )
-                rewards[i, j] = float(value)
+        scores = score_samples(
+            funcs,
+            names,
+            samples,
+            prompts,
+            columns,
+            video_frames=self.args.video_reward_frames,
+            video_aggregation=self.args.video_reward_aggregation,
+            policy=self._reward_failure_policy,
+        )
+        for failure in scores.failures:
+            logger.warning(f"Dropped from the update: {failure}")
+        self._fault_counts["reward_retries"] += scores.retries
         self._reward_seconds += time.perf_counter() - start_time
-        return rewards
+        return scores.rewards, scores.dropped
 
     def _generate_and_score(self, rows: list[dict]) -> dict:
         """One rollout of this process's share of the step: sample with the old policy, score, and turn the rewards
@@ -455,8 +502,11 @@ class DiffusionNFTTrainer(Trainer):
         device, chunk = self.accelerator.device, self.args.per_device_train_batch_size
         prompts = [row["prompt"] for row in rows]
         self._rollout_seconds = self._reward_seconds = 0.0
-        with self._acting_as_old_policy():
-            conditioning, latents, time_grid, images, rewards_per_func = self._sample_and_score(
+        with (
+            self._acting_as_old_policy(),
+            explain_out_of_memory("the rollout", _ROLLOUT_MEMORY_ADVICE.format(batch=chunk)),
+        ):
+            conditioning, latents, time_grid, images, rewards_per_func, dropped = self._sample_and_score(
                 rows,
                 self._generator(0),
                 chunk,
@@ -465,24 +515,34 @@ class DiffusionNFTTrainer(Trainer):
                 self.reward_func_names,
             )
         rewards_per_func = self.accelerator.gather(rewards_per_func.to(device)).cpu()
-        weights = self.reward_weights.unsqueeze(0)
-        not_applicable = rewards_per_func.isnan().all(dim=1)
+        dropped = self.accelerator.gather(dropped.to(device)).cpu()
+        if dropped.all():
+            raise RuntimeError(
+                "The reward failure policy dropped every sample of the rollout: nothing is left to train on (see the "
+                "warnings above for why each reward failed)."
+            )
+        not_applicable = rewards_per_func.isnan().all(dim=1) & ~dropped
         if not_applicable.any():
             raise ValueError(
                 f"No reward function returned a value for {int(not_applicable.sum())} images: each image needs at "
                 f"least one reward that applies to it (reward functions: {', '.join(self.reward_func_names)})."
             )
-        rewards = (rewards_per_func * weights).nansum(dim=1)
+        rewards = (rewards_per_func * self.reward_weights.unsqueeze(0)).nansum(dim=1)
+        rewards[dropped] = float("nan")  # unknown: left out of the group statistics, and of the loss (weight 0)
         advantages = group_advantages(rewards, self.args.num_generations, self.args.scale_rewards)
         optimality = optimality_probability(advantages, self.args.advantage_clip)
         local = slice(self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows))
 
+        kept = rewards[~dropped]
         grouped = rewards.view(-1, self.args.num_generations)
-        self._metrics["reward"].append(rewards.mean().item())
-        self._metrics["reward_std"].append(rewards.std().item() if len(rewards) > 1 else 0.0)
+        self._metrics["reward"].append(kept.mean().item())
+        self._metrics["reward_std"].append(kept.std().item() if len(kept) > 1 else 0.0)
         for j, name in enumerate(self.reward_func_names):
             self._metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, j]).item())
-        self._metrics["frac_reward_zero_std"].append((grouped.std(dim=1) < 1e-8).float().mean().item())
+        self._metrics["frac_reward_zero_std"].append((_nan_std(grouped) < 1e-8).float().mean().item())
+        self._metrics["faults/dropped_samples"].append(dropped.sum().item())
+        retries = torch.tensor(float(self._fault_counts.pop("reward_retries", 0)), device=device)
+        self._metrics["faults/reward_retries"].append(self.accelerator.gather(retries).sum().item())
         self._metrics["optimality/mean"].append(optimality.mean().item())
         self._metrics["timing/rollout_seconds"].append(self._rollout_seconds)
         self._metrics["timing/reward_seconds"].append(self._reward_seconds)
@@ -493,6 +553,7 @@ class DiffusionNFTTrainer(Trainer):
             "conditioning": conditioning,
             "time_grid": time_grid,
             "optimality": optimality[local].to(device),
+            "sample_weights": (~dropped[local]).float().to(device),  # 0 for a dropped sample: it trains nothing
         }
 
     # ------------------------------------------------------------------ training
@@ -503,6 +564,12 @@ class DiffusionNFTTrainer(Trainer):
         then each time's policy loss is back-propagated on its own, as in the released code, to bound memory."""
         model.train()
         batch = self._prepare_inputs(inputs)
+        advice = _TRAINING_MEMORY_ADVICE.format(batch=self.args.per_device_train_batch_size)
+        with explain_out_of_memory("the training step", advice):
+            return self._train_micro_step(model, batch)
+
+    def _train_micro_step(self, model, batch: dict) -> torch.Tensor:
+        """`training_step` on one micro-batch of the rollout: the loss, back-propagated, and its metrics."""
         start = time.perf_counter()
         clean, time_grid = batch["latents"], batch["time_grid"]
         num_images, num_times = clean.shape[0], len(time_grid)
@@ -557,8 +624,9 @@ class DiffusionNFTTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None) -> torch.Tensor:
         """The NFT loss of one forward-process sample per image. `inputs` holds the clean `latents`, the `noise`, the
-        times `sigmas`, the `noisy` latents, the `conditioning`, the `optimality` and the frozen `old_velocity` and
-        `reference_velocity` (None when `kl_coef` is 0)."""
+        times `sigmas`, the `noisy` latents, the `conditioning`, the `optimality`, the `sample_weights` (0 for a sample
+        the reward failure policy dropped) and the frozen `old_velocity` and `reference_velocity` (None when `kl_coef`
+        is 0)."""
         policy_velocity = self.adapter.predict_velocity(
             model, inputs["noisy"], inputs["sigmas"], inputs["conditioning"]
         )
@@ -577,6 +645,7 @@ class DiffusionNFTTrainer(Trainer):
             reference_velocity=None if reference_velocity is None else reference_velocity.float(),
             kl_coef=self.args.kl_coef,
             negative_loss=self.args.negative_loss,
+            sample_weights=inputs["sample_weights"],
         )
         self._loss_parts.append(torch.stack([loss.positive, loss.negative, loss.kl]))
         return loss.loss
@@ -647,10 +716,12 @@ class DiffusionNFTTrainer(Trainer):
             chunk = self.args.per_device_eval_batch_size
             funcs = self.reward_funcs + self.eval_reward_funcs
             names = self.reward_func_names + self.eval_reward_func_names
-            *_, rewards_per_func = self._sample_and_score(local_rows, generator, chunk, steps, funcs, names)
+            *_, rewards_per_func, dropped = self._sample_and_score(local_rows, generator, chunk, steps, funcs, names)
         rewards_per_func = self.accelerator.gather(rewards_per_func.to(self.accelerator.device)).cpu()[: len(rows)]
+        dropped = self.accelerator.gather(dropped.to(self.accelerator.device)).cpu()[: len(rows)]
+        rewards_per_func[dropped] = float("nan")  # unknown, so left out of every mean
         training = rewards_per_func[:, : len(self.reward_funcs)]
-        rewards = (training * self.reward_weights.unsqueeze(0)).nansum(dim=1)
+        rewards = (training * self.reward_weights.unsqueeze(0)).nansum(dim=1)[~dropped]
         metrics = {f"{metric_key_prefix}_reward": rewards.mean().item()}
         columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
         for j, (func, name) in enumerate(zip(funcs, names, strict=True)):
@@ -694,9 +765,11 @@ class DiffusionNFTTrainer(Trainer):
         first_of_each_prompt = {}  # one sample per prompt: the first image of each group
         for i, prompt in enumerate(prompts):
             first_of_each_prompt.setdefault(prompt, i)
-        # The usage example samples as the run did: its steps, its size, its guidance.
+        # The usage example samples as the run did: its steps, its size (and frames), its guidance.
         steps = self.args.eval_num_inference_steps or self.args.num_inference_steps
         size = {"height": self.resolution, "width": self.resolution}
+        if self.adapter.num_frames is not None:
+            size["num_frames"] = self.adapter.num_frames
         write_model_card(
             output_dir,
             model_id=self.args.hub_model_id or os.path.basename(os.path.normpath(output_dir)),
@@ -724,17 +797,56 @@ class DiffusionNFTTrainer(Trainer):
         else:
             module.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
 
-    def _save_checkpoint(self, model, trial) -> None:
-        # The old policy (and, with an EMA, the raw trained weights) go in first, so that a checkpoint with a trainer
-        # state always has every policy. The top level holds what `save_model` writes.
-        checkpoint_dir = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        """`Trainer.train`, resuming from whole checkpoints only (`trl_nft.checkpointing`): `resume_from_checkpoint`
+        is a checkpoint folder, or `True` (or `"true"`, `"last"`, as the command line passes it) for the newest whole
+        checkpoint in `output_dir`. A run resumed at its last step (`max_steps`) or later trains no further step."""
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if self.args.should_save:
-            denoiser = self.accelerator.unwrap_model(self.model)
-            old_policy = denoiser if self.use_lora else self.old_model
-            self._save_policy(old_policy, OLD_ADAPTER, os.path.join(checkpoint_dir, OLD_POLICY_DIR))
-            if self._ema_params is not None:
-                self._save_policy(denoiser, TRAINED_ADAPTER, os.path.join(checkpoint_dir, TRAINED_POLICY_DIR))
-        super()._save_checkpoint(model, trial)
+            remove_interrupted_saves(self.args.output_dir)
+        if checkpoint is not None:
+            state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+            max_steps = self.set_initial_training_values(self.args, self.get_train_dataloader())[-1]
+            if state.global_step >= max_steps:
+                # transformers' loop checks `max_steps` after each step, so it would take one more step from here.
+                logger.warning(
+                    f"{checkpoint} is at step {state.global_step} and this run ends at step {max_steps}: nothing left "
+                    "to train (raise max_steps to train further)."
+                )
+                self._load_from_checkpoint(checkpoint)
+                self.state = state
+                return TrainOutput(state.global_step, 0.0, {})
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Whole or absent: the checkpoint is written in a temporary folder and then renamed into place. transformers'
+        # `_save_checkpoint` writes `<run dir>/checkpoint-N`, so it is given the temporary folder as its run dir;
+        # there it neither pushes to the Hub (an upload in the background would read a folder about to be renamed)
+        # nor rotates the checkpoints (the others are not there): both happen here, once the checkpoint has its name.
+        run_dir = self._get_output_dir(trial=trial)
+        checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        save = self.args.should_save
+        with atomic_checkpoint_dir(checkpoint_dir, save, self.accelerator.wait_for_everyone) as staging_dir:
+            if save:  # the old policy (and, with an EMA, the raw trained weights); the top level is `save_model`'s
+                denoiser = self.accelerator.unwrap_model(self.model)
+                old_policy = denoiser if self.use_lora else self.old_model
+                self._save_policy(old_policy, OLD_ADAPTER, os.path.join(staging_dir, OLD_POLICY_DIR))
+                if self._ema_params is not None:
+                    self._save_policy(denoiser, TRAINED_ADAPTER, os.path.join(staging_dir, TRAINED_POLICY_DIR))
+            self._get_output_dir = lambda trial: os.path.dirname(staging_dir)
+            self._push_from_checkpoint = lambda checkpoint_folder: None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                del self._get_output_dir, self._push_from_checkpoint  # the class's methods again
+            if self.state.best_model_checkpoint == staging_dir:  # this checkpoint is the best: record its final name
+                self.state.best_model_checkpoint = checkpoint_dir
+                if save:
+                    self.state.save_to_json(os.path.join(staging_dir, TRAINER_STATE_NAME))
+        if save:
+            rotate_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint, use_mtime=True)
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(checkpoint_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Restore the trained and the old policy, and the EMA, from a checkpoint written by `_save_checkpoint`."""
@@ -832,6 +944,18 @@ def _check_prompt_dataset(dataset: Dataset | None, name: str, min_rows: int) -> 
         )
 
 
+def _check_reward_columns(dataset: Dataset, dataset_name: str, funcs: list[RewardFunc], names: list[str]) -> None:
+    """A `ValueError` naming the reward and the columns when `dataset` lacks a column a reward needs."""
+    for func, name in zip(funcs, names, strict=True):
+        missing = [column for column in required_columns(func) if column not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"The reward {name!r} needs the dataset column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}, "
+                f"which {dataset_name} lacks (its columns: {dataset.column_names}). Add it, or use a prompt set that "
+                "has it (docs/rewards.md lists what each reward needs, e.g. GenEval's prompts: trl_nft.geneval_prompts)."
+            )
+
+
 def _resolve_reward_funcs(reward_funcs) -> tuple[list[Callable], list[str]]:
     funcs = reward_funcs if isinstance(reward_funcs, list | tuple) else [reward_funcs]
     if not funcs:
@@ -860,3 +984,28 @@ def _slice_batch(batch: dict, index: int, parts: int) -> dict:
     """The `index`-th of `parts` equal slices along the image axis."""
     size = len(batch["latents"]) // parts
     return _take(batch, slice(index * size, (index + 1) * size))
+
+
+def _result(scored: Future | tuple) -> tuple:
+    """A scored chunk: the background thread's result, or the result itself."""
+    return scored.result() if isinstance(scored, Future) else scored
+
+
+def _nan_std(grouped: torch.Tensor) -> torch.Tensor:
+    """The population std of each row, ignoring NaN (dropped samples)."""
+    centered = grouped - grouped.nanmean(dim=1, keepdim=True)
+    return (centered**2).nanmean(dim=1).sqrt()
+
+
+@contextlib.contextmanager
+def _quiet(*logger_names: str):
+    """Within this context the loggers `logger_names` log errors only."""
+    loggers = [stdlib_logging.getLogger(name) for name in logger_names]
+    levels = [quieted.level for quieted in loggers]
+    for quieted in loggers:
+        quieted.setLevel(stdlib_logging.ERROR)
+    try:
+        yield
+    finally:
+        for quieted, level in zip(loggers, levels, strict=True):
+            quieted.setLevel(level)

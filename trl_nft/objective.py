@@ -41,6 +41,9 @@ def group_advantages(
     `scale` picks `Z`: `"batch"`, the std of all rewards passed in (the released code's global std over the whole
     iteration, gathered across processes); `"group"`, each group's own std; `"none"`, `Z = 1`. Stds are population
     stds (no Bessel correction). A group whose rewards are all equal gets `A = 0`.
+
+    A NaN reward marks a sample whose reward is unknown (dropped by the reward failure policy): it is left out of its
+    group's mean and of the stds, and gets `A = 0`.
     """
     if scale not in REWARD_SCALES:
         raise ValueError(f"scale must be one of {REWARD_SCALES}, got {scale!r}.")
@@ -49,12 +52,24 @@ def group_advantages(
             f"expected a flat tensor of groups of {num_generations} rewards, got shape {tuple(rewards.shape)}."
         )
     grouped = rewards.view(-1, num_generations)
+    if rewards.isnan().any():
+        return _group_advantages_of_known(grouped, scale, eps).view(-1)
     centered = grouped - grouped.mean(dim=1, keepdim=True)
     if scale == "batch":
         centered = centered / (rewards.std(unbiased=False) + eps)
     elif scale == "group":
         centered = centered / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
     return centered.view(-1)
+
+
+def _group_advantages_of_known(grouped: torch.Tensor, scale: str, eps: float) -> torch.Tensor:
+    """`group_advantages` over the known (non-NaN) rewards of `grouped`; 0 for the unknown ones."""
+    centered = grouped - grouped.nanmean(dim=1, keepdim=True)  # a group with no known reward stays NaN: A = 0
+    if scale == "batch":
+        centered = centered / (grouped[~grouped.isnan()].std(unbiased=False) + eps)
+    elif scale == "group":
+        centered = centered / ((centered**2).nanmean(dim=1, keepdim=True).sqrt() + eps)
+    return centered.nan_to_num(nan=0.0)
 
 
 def optimality_probability(advantages: torch.Tensor, advantage_clip: float = 5.0) -> torch.Tensor:
@@ -89,6 +104,7 @@ def nft_loss(
     reference_velocity: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     negative_loss: bool = True,
+    sample_weights: torch.Tensor | None = None,
 ) -> NFTLoss:
     r"""The DiffusionNFT loss on one batch of forward-process samples `x_t` at times `sigmas`.
 
@@ -102,8 +118,9 @@ def nft_loss(
         `L = mean_b[ A_max (r L_pos + (1 - r) L_neg) / beta ]`
 
     `negative_loss=False` drops the `(1 - r)` term (the paper's ablation: only the positive policy is fitted, and the
-    reward collapses). Either way a reference penalty is added when `kl_coef > 0`:
-    `L += kl_coef * mean_b mean((v_theta - v_ref)^2)`.
+    reward collapses). `sample_weights` (one per sample, default 1) multiply each sample's policy term inside
+    `mean_b`: a weight 0 drops a sample whose reward is unknown. Either way a reference penalty is added when
+    `kl_coef > 0`: `L += kl_coef * mean_b mean((v_theta - v_ref)^2)`.
     `old_velocity` and `reference_velocity` are treated as constants. Returns the loss and its detached parts
     (`positive` = `mean_b L_pos`, `negative` = `mean_b L_neg`, `kl`).
     """
@@ -114,17 +131,18 @@ def nft_loss(
     negative_velocity = (1 + beta) * old_velocity - beta * policy_velocity
     r = optimality.to(policy_velocity.dtype)
     negative_weight = (1 - r) if negative_loss else torch.zeros_like(r)
+    weight = torch.ones_like(r) if sample_weights is None else sample_weights.to(r.dtype)
 
     if loss_type == "velocity":
         target = noise - clean
         positive = _mean_per_sample((positive_velocity - target) ** 2)
         negative = _mean_per_sample((negative_velocity - target) ** 2)
-        policy_loss = (r * positive + negative_weight * negative).mean()
+        policy_loss = (weight * (r * positive + negative_weight * negative)).mean()
     else:
         t = _per_sample(sigmas, noisy)
         positive = _adaptive_x0_loss(noisy - t * positive_velocity, clean)
         negative = _adaptive_x0_loss(noisy - t * negative_velocity, clean)
-        policy_loss = (advantage_clip * (r * positive + negative_weight * negative) / beta).mean()
+        policy_loss = (weight * advantage_clip * (r * positive + negative_weight * negative) / beta).mean()
 
     kl = policy_loss.new_zeros(())
     if kl_coef > 0:

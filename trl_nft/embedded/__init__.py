@@ -10,6 +10,7 @@ from .tiny import TINY_SD3_RESOLUTION, build_tiny_sd, build_tiny_sd3, build_tiny
 from .tiny_flux import build_tiny_flux
 from .tiny_flux2_klein import build_tiny_flux2_klein
 from .tiny_qwen_image import build_tiny_qwen_image
+from .tiny_sana import build_tiny_sana
 from .tiny_z_image import build_tiny_z_image
 
 
@@ -22,6 +23,7 @@ EMBEDDED_MODELS = {
     "tiny-qwen-image": build_tiny_qwen_image,
     "tiny-flux2-klein": build_tiny_flux2_klein,  # step-distilled, as FLUX.2-klein-4B
     "tiny-z-image": build_tiny_z_image,
+    "tiny-sana": build_tiny_sana,
     # A pretrained 16 px SD3 on scikit-learn's handwritten digits, shipped in the package (`digits_sd3.py`).
     "digits-sd3": load_digits_sd3,
     "digits-sd": load_digits_sd,  # its SD1.x counterpart, for the DDPO comparison (`digits_sd.py`)
@@ -46,6 +48,7 @@ __all__ = [
     "build_tiny_flux",
     "build_tiny_flux2_klein",
     "build_tiny_qwen_image",
+    "build_tiny_sana",
     "build_tiny_sd",
     "build_tiny_sd3",
     "build_tiny_sdxl",

@@ -12,6 +12,7 @@ from .base import DiffusionAdapter, Rollout
 from .flux import FluxAdapter
 from .flux2_klein import Flux2KleinAdapter
 from .qwen_image import QwenImageAdapter
+from .sana import SanaAdapter
 from .sd import StableDiffusionAdapter
 from .sd3 import SD3Adapter
 from .sdxl import StableDiffusionXLAdapter
@@ -27,6 +28,7 @@ ADAPTERS: list[type[DiffusionAdapter]] = [
     StableDiffusionXLAdapter,
     Flux2KleinAdapter,
     ZImageAdapter,
+    SanaAdapter,
 ]
 
 
@@ -42,6 +44,7 @@ MODEL_ALIASES = {
     "flux2-klein-base-4b": "black-forest-labs/FLUX.2-klein-base-4B",
     "z-image-turbo": "Tongyi-MAI/Z-Image-Turbo",
     "z-image": "Tongyi-MAI/Z-Image",
+    "sana-1.6b": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd2.1": "stabilityai/stable-diffusion-2-1",
@@ -78,10 +81,18 @@ def load_pipeline(model: str | DiffusionPipeline, torch_dtype: torch.dtype = tor
     return DiffusionPipeline.from_pretrained(model, torch_dtype=torch_dtype)
 
 
-def get_adapter(pipeline: DiffusionPipeline, **kwargs) -> DiffusionAdapter:
-    """The adapter for `pipeline`'s model family; `kwargs` go to its constructor."""
+def get_adapter(pipeline: DiffusionPipeline, num_frames: int | None = None, **kwargs) -> DiffusionAdapter:
+    """The adapter for `pipeline`'s model family; `kwargs` go to its constructor, and `num_frames` too for a family
+    that generates videos (an error for one that does not)."""
     for adapter_class in ADAPTERS:
         if isinstance(pipeline, adapter_class.pipeline_classes):
+            if adapter_class.produces_videos:
+                kwargs["num_frames"] = num_frames
+            elif num_frames is not None:
+                raise ValueError(
+                    f"num_frames={num_frames} applies to video models, but {type(pipeline).__name__} generates "
+                    "images. Leave num_frames unset."
+                )
             return adapter_class(pipeline, **kwargs)
     supported = ", ".join(cls.__name__ for adapter in ADAPTERS for cls in adapter.pipeline_classes)
     raise ValueError(f"{type(pipeline).__name__} is not supported yet; supported pipelines: {supported}.")
@@ -96,6 +107,7 @@ __all__ = [
     "QwenImageAdapter",
     "Rollout",
     "SD3Adapter",
+    "SanaAdapter",
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
     "ZImageAdapter",

@@ -73,6 +73,14 @@ class DiffusionAdapter:
     is_flow: bool = True
     #: The rollout sampler when `NFTConfig.sampler` is None: DPM-Solver++(2M), the paper's 2nd-order multistep solver.
     default_sampler: str = "DPMSolverMultistepScheduler"
+    #: Whether the family generates videos: `decode` then returns `[B, F, 3, H, W]`, and the constructor takes
+    #: `num_frames` (frames per video, `self.num_frames`).
+    produces_videos: bool = False
+    num_frames: int | None = None
+    #: The pipeline's tokenizers that cut long prompts, by attribute name, with their limit: the tokenizer's own
+    #: `model_max_length` (CLIP: 77), or the run's `max_sequence_length` (the long encoder). The prompt's own tokens
+    #: are counted (a chat template's are not), so for template-wrapped encoders the count is approximate.
+    prompt_token_limits: dict[str, str] = {"tokenizer": "model_max_length"}
 
     def __init__(self, pipeline: DiffusionPipeline, guidance_scale: float = 1.0, max_sequence_length: int = 128):
         self.pipeline = pipeline
@@ -119,6 +127,20 @@ class DiffusionAdapter:
             sampler or self.default_sampler, self.model_scheduler, sampler_kwargs, flow=self.is_flow
         )
 
+    def count_truncated_prompts(self, prompts: list[str]) -> tuple[int, list[str]]:
+        """How many of `prompts` some text encoder of the family truncates, and each encoder's limit, for the log."""
+        limits = []
+        for name, limit in self.prompt_token_limits.items():
+            tokenizer = getattr(self.pipeline, name, None)
+            if tokenizer is not None:
+                tokens = tokenizer.model_max_length if limit == "model_max_length" else self.max_sequence_length
+                limits.append((name, tokenizer, tokens))
+        too_long = [False] * len(prompts)
+        for _, tokenizer, tokens in limits:
+            lengths = map(len, tokenizer(prompts, verbose=False).input_ids) if prompts else []
+            too_long = [before or length > tokens for before, length in zip(too_long, lengths, strict=True)]
+        return sum(too_long), [f"{name}: {tokens} tokens" for name, _, tokens in limits]
+
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Text conditioning for `prompts`, batch-first tensors; with `classifier_free_guidance`, also the
         empty-prompt conditioning that guidance needs (keys prefixed with `negative_`, used for sampling only)."""
@@ -157,7 +179,7 @@ class DiffusionAdapter:
         ).images
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Decode latents to images as a float tensor `[B, 3, H, W]` in `[0, 1]`."""
+        """Decode latents to images as a float tensor `[B, 3, H, W]` in `[0, 1]` (videos: `[B, F, 3, H, W]`)."""
         raise NotImplementedError
 
     def predict_velocity(

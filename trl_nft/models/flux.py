@@ -33,6 +33,8 @@ class FluxAdapter(DiffusionAdapter):
         "ff_context.net.2",
     )
 
+    prompt_token_limits = {"tokenizer": "model_max_length", "tokenizer_2": "max_sequence_length"}
+
     def __init__(self, pipeline: FluxPipeline, guidance_scale: float = 1.0, max_sequence_length: int = 128):
         super().__init__(pipeline, guidance_scale, max_sequence_length)
         # The pipeline refuses T5 prompts longer than 512 tokens; a tiny model's tokenizer may declare fewer.

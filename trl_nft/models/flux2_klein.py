@@ -44,6 +44,8 @@ class Flux2KleinAdapter(DiffusionAdapter):
         "attn.to_qkv_mlp_proj",
     )
 
+    prompt_token_limits = {"tokenizer": "max_sequence_length"}
+
     @property
     def is_distilled(self) -> bool:
         """Whether the checkpoint is step-distilled (FLUX.2-klein-4B, -9B), which samples without guidance."""

@@ -43,6 +43,8 @@ class QwenImageAdapter(DiffusionAdapter):
         "txt_mlp.net.2",
     )
 
+    prompt_token_limits = {"tokenizer": "max_sequence_length"}
+
     def __init__(self, pipeline: QwenImagePipeline, guidance_scale: float = 1.0, max_sequence_length: int = 128):
         super().__init__(pipeline, guidance_scale, max_sequence_length)
         # The pipeline refuses a longer budget than its tokenizer's (1024 tokens after the template).

@@ -39,18 +39,23 @@ def build_sampler(
     if not flow:
         if sampler.startswith("FlowMatch"):
             raise ValueError(f"sampler={sampler!r} samples rectified-flow models; this is a VP diffusion model.")
-    elif not sampler.startswith("FlowMatch"):
-        if "use_flow_sigmas" not in inspect.signature(scheduler_class.__init__).parameters:
+    else:
+        # The model's shift, under the name its scheduler uses (`shift` for the flow-matching schedulers, `flow_shift`
+        # for DPM-Solver, UniPC, ... on flow sigmas: SANA's and Wan's own), passed on under the name the sampler reads.
+        shift, flow_shift = config.pop("shift", None), config.pop("flow_shift", None)
+        model_shift = shift if shift is not None else flow_shift if flow_shift is not None else 1.0
+        if sampler.startswith("FlowMatch"):
+            # It predicts the flow velocity as it is: the switches of DPM-Solver or UniPC on flow sigmas are not its own.
+            config.pop("use_flow_sigmas", None), config.pop("prediction_type", None)
+            kwargs = {"shift": model_shift}
+        elif "use_flow_sigmas" not in inspect.signature(scheduler_class.__init__).parameters:
             raise ValueError(
                 f"sampler={sampler!r} cannot sample a rectified-flow model: use a FlowMatch* scheduler or one that "
                 "supports `use_flow_sigmas` (DPMSolverMultistepScheduler, UniPCMultistepScheduler, DEISMultistepScheduler)."
             )
-        kwargs = {
-            "use_flow_sigmas": True,
-            "prediction_type": "flow_prediction",
-            "flow_shift": config.pop("shift", 1.0),
-        }
-    return scheduler_class.from_config(config, **kwargs, **(sampler_kwargs or {}))
+        else:
+            kwargs = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": model_shift}
+    return scheduler_class.from_config(config, **{**kwargs, **(sampler_kwargs or {})})
 
 
 def _check_dynamic_shifting(scheduler_class: type[SchedulerMixin], base_scheduler: SchedulerMixin) -> None:

@@ -12,6 +12,11 @@ class SD3Adapter(DiffusionAdapter):
     denoiser_name = "transformer"
     # The released DiffusionNFT code targets exactly these projections of the joint attention blocks.
     lora_target_modules = MMDIT_ATTENTION_TARGETS
+    prompt_token_limits = {
+        "tokenizer": "model_max_length",
+        "tokenizer_2": "model_max_length",
+        "tokenizer_3": "max_sequence_length",
+    }
 
     def __init__(
         self, pipeline: StableDiffusion3Pipeline, guidance_scale: float = 1.0, max_sequence_length: int = 128

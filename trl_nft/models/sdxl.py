@@ -15,6 +15,8 @@ from .sd import StableDiffusionAdapter
 class StableDiffusionXLAdapter(StableDiffusionAdapter):
     pipeline_classes = (StableDiffusionXLPipeline,)
 
+    prompt_token_limits = {"tokenizer": "model_max_length", "tokenizer_2": "model_max_length"}
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         embeds, negative_embeds, pooled, negative_pooled = self.pipeline.encode_prompt(

@@ -53,6 +53,8 @@ class ZImageAdapter(DiffusionAdapter):
     # DPM-Solver++, the usual default, takes no sigmas, which this pipeline passes; UniPC is 2nd-order multistep too.
     default_sampler = "UniPCMultistepScheduler"
 
+    prompt_token_limits = {"tokenizer": "max_sequence_length"}
+
     def default_resolution(self) -> int:
         # A pipeline may declare another native size, in latent pixels, as the FLUX pipelines do (the tiny model).
         sample_size = getattr(self.pipeline, "default_sample_size", None)

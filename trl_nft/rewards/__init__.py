@@ -16,6 +16,7 @@ returns the function, or an instance of the class built with the options (e.g. `
 """
 
 import difflib
+import inspect
 from collections.abc import Callable
 
 import numpy as np
@@ -71,8 +72,35 @@ def reward_name(reward: RewardFunc) -> str:
     return getattr(reward, "name", None) or getattr(reward, "__name__", None) or type(reward).__name__
 
 
+def required_columns(reward: RewardFunc) -> tuple[str, ...]:
+    """The dataset columns `reward` cannot score without: its `required_columns` attribute when it has one, else the
+    parameters of the function (or of a `RewardModel`'s `score`) that have no default, beyond the samples and the
+    prompts."""
+    declared = getattr(reward, "required_columns", None)
+    if declared is not None:
+        return tuple(declared)
+    function, skipped = (type(reward).score, 4) if isinstance(reward, RewardModel) else (reward, 0)
+    try:  # `score(self, models, images, prompts, ...)`, `f(images, prompts, ...)`
+        parameters = list(inspect.signature(function).parameters.values())[skipped:]
+    except (TypeError, ValueError):  # a builtin or an object without a signature: nothing to read
+        return ()
+    return tuple(
+        parameter.name
+        for parameter in parameters
+        if parameter.name not in ("images", "prompts", "videos")
+        and parameter.default is inspect.Parameter.empty
+        and parameter.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    )
+
+
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """PIL images (same size) as a float tensor `[B, 3, H, W]` in [0, 1]."""
+    """PIL images of one size, in any mode (converted to RGB), as a float tensor `[B, 3, H, W]` in [0, 1]."""
+    sizes = sorted({image.size for image in images})
+    if len(sizes) > 1:
+        raise ValueError(
+            f"to_tensor needs images of one size, got {', '.join(f'{w} x {h}' for w, h in sizes)}: resize them first "
+            "(the trainer's images all have the run's resolution)."
+        )
     array = np.stack([np.asarray(image.convert("RGB")) for image in images])
     return torch.from_numpy(array).permute(0, 3, 1, 2).float() / 255
 

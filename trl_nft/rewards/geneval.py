@@ -324,6 +324,7 @@ class GenEval(RewardModel):
 
     default_checkpoint = "facebook/mask2former-swin-small-coco-instance"
     default_clip_checkpoint = "openai/clip-vit-large-patch14"
+    required_columns = ("metadata",)
 
     def __init__(
         self, checkpoint: str | None = None, clip_checkpoint: str | None = None, strict: bool = False, **kwargs

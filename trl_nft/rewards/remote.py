@@ -132,7 +132,15 @@ class RemoteReward(RewardModel):
         for attempt in range(attempts):
             if attempt:
                 delay = self.backoff * 2 ** (attempt - 1)
-                logger.warning("%s: %s failed (%s); retrying in %.1f s.", self.name, url, failure, delay)
+                logger.warning(
+                    "%s: %s failed (%s); retry %d of %d in %.1f s.",
+                    self.name,
+                    url,
+                    failure,
+                    attempt,
+                    self.max_retries,
+                    delay,
+                )
                 time.sleep(delay)
             try:
                 response = client.post(url, content=body, headers={"Content-Type": "application/json"})

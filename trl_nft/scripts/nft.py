@@ -28,6 +28,7 @@ from trl_nft.prompts import (
 )
 from trl_nft.prompts.digits import digit_prompts
 from trl_nft.rewards import get_reward, list_rewards
+from trl_nft.signals import StopNow, exit_with_launcher, stop_on_signals
 
 
 #: Prompt sets by name: `(split, seed, num_prompts) -> Dataset`.
@@ -246,7 +247,10 @@ def main(script_args: NFTScriptArguments, training_args: NFTConfig) -> Diffusion
         eval_dataset=eval_dataset,
         eval_reward_funcs=eval_rewards,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    with stop_on_signals(trainer) as stop:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    if stop.signum is not None:  # stopped on SIGINT/SIGTERM: the run is unfinished, so neither saved nor pushed
+        raise SystemExit(128 + stop.signum)
     trainer.save_model(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)
@@ -277,6 +281,13 @@ def make_parser(prog: str | None = None) -> TrlParser:
 
 
 if __name__ == "__main__":
+    import signal
     import sys
 
-    main(*make_parser().parse_args_and_config(with_model_preset(merge_repeated_flags(sys.argv[1:]))))
+    exit_with_launcher()
+    try:
+        main(*make_parser().parse_args_and_config(with_model_preset(merge_repeated_flags(sys.argv[1:]))))
+    except KeyboardInterrupt as interrupt:  # a second stop signal, or a SIGINT before training: no traceback
+        signum = interrupt.signum if isinstance(interrupt, StopNow) else signal.SIGINT
+        print(f"{signal.Signals(signum).name}: stopped at once.", file=sys.stderr)
+        sys.exit(128 + signum)
