@@ -6,6 +6,7 @@ from datasets import Dataset
 
 from trl_nft import DiffusionNFTTrainer
 from trl_nft.rewards import to_tensor
+from trl_nft.rewards.video import takes_videos
 
 
 def eval_gain(
@@ -16,11 +17,20 @@ def eval_gain(
     rollout are permuted (same distribution, no link to the images)."""
     rng = random.Random(0)
 
-    def scored(images, prompts, **kwargs):
-        values = reward(images, prompts)
-        if shuffle:  # break the image <-> reward link, keep the reward distribution
+    def shuffled(values: list) -> list:
+        if shuffle:  # break the sample <-> reward link, keep the reward distribution
             rng.shuffle(values)
         return values
+
+    if takes_videos(reward):  # the control sees what the reward sees: whole videos
+
+        def scored(videos, prompts, **kwargs):
+            return shuffled(reward(videos, prompts))
+
+    else:
+
+        def scored(images, prompts, **kwargs):
+            return shuffled(reward(images, prompts))
 
     if prompts is None:
         prompts = Dataset.from_dict({"prompt": [f"a picture number {i}" for i in range(32)]})

@@ -11,6 +11,7 @@ from .tiny_flux import build_tiny_flux
 from .tiny_flux2_klein import build_tiny_flux2_klein
 from .tiny_qwen_image import build_tiny_qwen_image
 from .tiny_sana import build_tiny_sana
+from .tiny_wan import build_tiny_wan
 from .tiny_z_image import build_tiny_z_image
 
 
@@ -24,6 +25,7 @@ EMBEDDED_MODELS = {
     "tiny-flux2-klein": build_tiny_flux2_klein,  # step-distilled, as FLUX.2-klein-4B
     "tiny-z-image": build_tiny_z_image,
     "tiny-sana": build_tiny_sana,
+    "tiny-wan": build_tiny_wan,  # text-to-video: 5 frames of 32 px by default
     # A pretrained 16 px SD3 on scikit-learn's handwritten digits, shipped in the package (`digits_sd3.py`).
     "digits-sd3": load_digits_sd3,
     "digits-sd": load_digits_sd,  # its SD1.x counterpart, for the DDPO comparison (`digits_sd.py`)
@@ -52,6 +54,7 @@ __all__ = [
     "build_tiny_sd",
     "build_tiny_sd3",
     "build_tiny_sdxl",
+    "build_tiny_wan",
     "build_tiny_z_image",
     "load_digits_sd",
     "load_digits_sd3",

@@ -16,6 +16,7 @@ from .sana import SanaAdapter
 from .sd import StableDiffusionAdapter
 from .sd3 import SD3Adapter
 from .sdxl import StableDiffusionXLAdapter
+from .wan import WanAdapter
 from .z_image import ZImageAdapter
 
 
@@ -29,6 +30,7 @@ ADAPTERS: list[type[DiffusionAdapter]] = [
     Flux2KleinAdapter,
     ZImageAdapter,
     SanaAdapter,
+    WanAdapter,
 ]
 
 
@@ -45,6 +47,7 @@ MODEL_ALIASES = {
     "z-image-turbo": "Tongyi-MAI/Z-Image-Turbo",
     "z-image": "Tongyi-MAI/Z-Image",
     "sana-1.6b": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
+    "wan2.1-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd2.1": "stabilityai/stable-diffusion-2-1",
@@ -110,6 +113,7 @@ __all__ = [
     "SanaAdapter",
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
+    "WanAdapter",
     "ZImageAdapter",
     "get_adapter",
     "load_pipeline",
