@@ -330,15 +330,7 @@ def _rollout_prompts(make_config, dataset, output_dir, checkpoint=None) -> list[
     "num_prompts",
     [
         pytest.param(16, id="in-the-first-epoch"),  # 16 steps an epoch
-        pytest.param(
-            4,  # 4 steps an epoch: resumed in the second
-            id="in-a-later-epoch",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="RepeatSampler shuffles with its own generator, which a resumed process starts afresh: the "
-                "resumed epoch repeats the first epoch's order (docs/reliability.md)",
-            ),
-        ),
+        pytest.param(4, id="in-a-later-epoch"),  # 4 steps an epoch: resumed in the second
     ],
 )
 def test_a_resumed_run_samples_the_prompts_of_an_uninterrupted_one(make_config, tmp_path, num_prompts):

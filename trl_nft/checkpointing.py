@@ -4,6 +4,9 @@ A checkpoint is written in a temporary folder beside its final place, each file 
 manifest of its files, and only then renamed into place (one atomic rename) and its parent folder flushed. A run killed
 while saving leaves at most a temporary folder, which is never taken for a checkpoint and which the next run removes;
 the checkpoints saved before it stay as they were.
+
+The prompt order resumes too: `ResumableRepeatSampler` puts its shuffle where an uninterrupted run's would be at the
+start of each epoch.
 """
 
 import contextlib
@@ -13,8 +16,10 @@ import re
 import shutil
 from collections.abc import Callable, Iterator
 
+import torch
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, sort_checkpoints
 from transformers.utils import logging
+from trl.trainer.utils import RepeatSampler
 
 
 logger = logging.get_logger(__name__)
@@ -167,3 +172,18 @@ def resolve_resume_checkpoint(value: str | os.PathLike | bool | None, output_dir
             "Give another checkpoint folder, or true for the newest whole checkpoint in output_dir."
         )
     return os.fspath(value)
+
+
+class ResumableRepeatSampler(RepeatSampler):
+    """TRL's `RepeatSampler`, whose shuffle is where an uninterrupted run's is at each epoch: `transformers.Trainer`
+    calls `set_epoch(epoch)` before each epoch, which reseeds the sampler's generator and redraws the orders of the
+    epochs before (one permutation each), so that a run resumed in its third epoch samples the prompts of that epoch
+    in the order an uninterrupted run does (RepeatSampler's generator, restarted in the resumed process, would repeat
+    the first epoch's). The orders are RepeatSampler's own, epoch after epoch."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if not self.shuffle or self.seed is None:
+            return
+        self.generator.manual_seed(self.seed)
+        for _ in range(epoch):
+            torch.randperm(self.num_samples, generator=self.generator)

@@ -28,10 +28,14 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 from transformers.utils import logging
-from trl.trainer.utils import RepeatSampler
 
 from .callbacks import EarlyStoppingAtRewardCallback, RewardHackingGuardCallback, SampleLoggingCallback
-from .checkpointing import atomic_checkpoint_dir, remove_interrupted_saves, resolve_resume_checkpoint
+from .checkpointing import (
+    ResumableRepeatSampler,
+    atomic_checkpoint_dir,
+    remove_interrupted_saves,
+    resolve_resume_checkpoint,
+)
 from .embedded import EMBEDDED_MODELS
 from .faults import NonFiniteStepGuard, explain_out_of_memory
 from .model_card import final_reward_values, write_model_card
@@ -45,6 +49,14 @@ from .objective import (
     old_policy_decay,
     optimality_probability,
     soft_update_,
+)
+from .randomness import (
+    EVALUATION_NOISE,
+    ROLLOUT_NOISE,
+    TRAINING_DRAWS,
+    keyed_generator,
+    per_sample_randn,
+    sample_generators,
 )
 from .rewards import RewardFunc, RewardModel, get_reward, required_columns, reward_name
 from .rewards.scoring import RewardFailurePolicy, score_samples
@@ -209,11 +221,13 @@ class DiffusionNFTTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        if args.world_size > 1 and self.accelerator.distributed_type == DistributedType.NO:
-            # Otherwise each process would normalise only its own rewards, silently.
+        launched = max(args.world_size, int(os.environ.get("WORLD_SIZE", 1)))  # torchrun's count, whatever the state
+        if launched > 1 and self.accelerator.distributed_type == DistributedType.NO:
+            # Otherwise each process would run its own copy of the training, silently.
             raise ValueError(
-                f"{args.world_size} processes were launched but the Trainer does not run distributed; on CPU, set "
-                "use_cpu=True (--use_cpu) so that the processes form a process group."
+                f"{launched} processes were launched but the Trainer does not run distributed: on CPU, set "
+                "use_cpu=True (--use_cpu) so that the processes form a process group; FSDP and DeepSpeed configs need "
+                "GPUs (accelerate runs them on CPU as independent processes), use --multi_gpu --use_cpu there."
             )
         self.pipeline.to(self.accelerator.device)
         for module in (self.old_model, self.ref_model):
@@ -341,10 +355,10 @@ class DiffusionNFTTrainer(Trainer):
             is_training=True,
         )
 
-    def _get_train_sampler(self, dataset: Dataset | None = None) -> RepeatSampler:
+    def _get_train_sampler(self, dataset: Dataset | None = None) -> ResumableRepeatSampler:
         # Each prompt `num_generations` times in a row, so that after gathering, consecutive images form the groups
         # (a group may span processes); the block of one rollout repeats once per micro-step.
-        return RepeatSampler(
+        return ResumableRepeatSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=self.args.num_generations,
             batch_size=self.args.prompts_per_rollout,
@@ -359,7 +373,9 @@ class DiffusionNFTTrainer(Trainer):
             rollout = self._generate_and_score(generation_batch)
             if parts > self.args.gradient_accumulation_steps:
                 # Several optimizer steps per rollout: each gets a random mix of the groups, as in GRPOTrainer.
-                order = torch.randperm(len(rollout["latents"]), generator=self._generator(2))
+                # (this process's share only: such runs depend on the number of processes)
+                mixing = keyed_generator(self.args.seed, self.state.global_step, self.accelerator.process_index)
+                order = torch.randperm(len(rollout["latents"]), generator=mixing)
                 rollout = _take(rollout, order.to(rollout["latents"].device))
             self._buffered_inputs = [_slice_batch(rollout, i, parts) for i in range(parts)]
         return self._buffered_inputs[self._step % parts]
@@ -401,22 +417,21 @@ class DiffusionNFTTrainer(Trainer):
         else:
             yield self.ref_model
 
-    def _generator(self, *stream: int) -> torch.Generator:
-        # Every random draw depends only on (seed, step, process, stream): resumed runs redraw what they would have.
-        seed = hash((self.args.seed, self.state.global_step, self.accelerator.process_index) + stream) % (2**63)
-        return torch.Generator(device="cpu").manual_seed(seed)
+    def _sample_generators(self, stream: int, indices: list[int] | torch.Tensor) -> list[torch.Generator]:
+        # Keyed by the samples' indices in the whole rollout, not by the process: see trl_nft/randomness.py.
+        return sample_generators(self.args.seed, self.state.global_step, stream, indices)
 
     def _sample_and_score(
         self,
         rows: list[dict],
-        generator: torch.Generator,
+        generators: list[torch.Generator],
         chunk_size: int,
         num_inference_steps: int,
         reward_funcs: list[RewardFunc],
         reward_func_names: list[str],
     ) -> tuple[dict, torch.Tensor, torch.Tensor, list, torch.Tensor, torch.Tensor]:
-        """Sample one image per row with the pipeline's current denoiser, `chunk_size` images at a time, decode each
-        chunk to PIL and score it. Returns per-image conditioning, clean latents, the sampler's time grid, the images
+        """Sample one image per row with the pipeline's current denoiser, `chunk_size` images at a time, each from its
+        own generator, decode each chunk to PIL and score it. Returns per-image conditioning, clean latents, the sampler's time grid, the images
         (or videos), the rewards `[num_images, num_funcs]` and which images the reward failure policy dropped. Each
         unique prompt is encoded once.
 
@@ -448,7 +463,7 @@ class DiffusionNFTTrainer(Trainer):
                     {key: value[chunk] for key, value in conditioning.items()},
                     num_inference_steps,
                     self.resolution,
-                    generator,
+                    generators[chunk],
                 )
                 chunk_images = self._decode_to_pil(rollout.latents)
                 self._rollout_seconds += time.perf_counter() - start_time
@@ -501,6 +516,9 @@ class DiffusionNFTTrainer(Trainer):
         of all processes into optimality probabilities."""
         device, chunk = self.accelerator.device, self.args.per_device_train_batch_size
         prompts = [row["prompt"] for row in rows]
+        # This process holds a contiguous block of the rollout, in the order of the gather below.
+        local = slice(self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows))
+        sample_index = torch.arange(local.start, local.stop)
         self._rollout_seconds = self._reward_seconds = 0.0
         with (
             self._acting_as_old_policy(),
@@ -508,7 +526,7 @@ class DiffusionNFTTrainer(Trainer):
         ):
             conditioning, latents, time_grid, images, rewards_per_func, dropped = self._sample_and_score(
                 rows,
-                self._generator(0),
+                self._sample_generators(ROLLOUT_NOISE, sample_index),
                 chunk,
                 self.args.num_inference_steps,
                 self.reward_funcs,
@@ -531,7 +549,6 @@ class DiffusionNFTTrainer(Trainer):
         rewards[dropped] = float("nan")  # unknown: left out of the group statistics, and of the loss (weight 0)
         advantages = group_advantages(rewards, self.args.num_generations, self.args.scale_rewards)
         optimality = optimality_probability(advantages, self.args.advantage_clip)
-        local = slice(self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows))
 
         kept = rewards[~dropped]
         grouped = rewards.view(-1, self.args.num_generations)
@@ -554,6 +571,7 @@ class DiffusionNFTTrainer(Trainer):
             "time_grid": time_grid,
             "optimality": optimality[local].to(device),
             "sample_weights": (~dropped[local]).float().to(device),  # 0 for a dropped sample: it trains nothing
+            "sample_index": sample_index.to(device),  # what keys each sample's training draws
         }
 
     # ------------------------------------------------------------------ training
@@ -574,14 +592,13 @@ class DiffusionNFTTrainer(Trainer):
         clean, time_grid = batch["latents"], batch["time_grid"]
         num_images, num_times = clean.shape[0], len(time_grid)
         num_train_times = max(1, int(num_times * self.args.train_timestep_fraction))
-        generator = self._generator(1, self._step % self.args.steps_per_generation)
-        times = torch.stack(
-            [torch.randperm(num_times, generator=generator)[:num_train_times] for _ in range(num_images)]
-        )
+        # Each image's times, then its noise at each, from its own generator: the same on any number of processes.
+        generators = self._sample_generators(TRAINING_DRAWS, batch["sample_index"])
+        times = torch.stack([torch.randperm(num_times, generator=g)[:num_train_times] for g in generators])
         samples = []
         for j in range(num_train_times):
             sigmas = time_grid[times[:, j].to(time_grid.device)]
-            noise = torch.randn(clean.shape, generator=generator).to(clean)
+            noise = per_sample_randn(clean.shape[1:], generators).to(clean)
             noisy, _ = forward_process(clean, noise, sigmas)
             samples.append({**batch, "sigmas": sigmas, "noise": noise, "noisy": noisy, "reference_velocity": None})
 
@@ -704,19 +721,21 @@ class DiffusionNFTTrainer(Trainer):
             raise ValueError("evaluate() needs an eval_dataset (pass it to the trainer or to evaluate()).")
         rows = [dataset[i] for i in range(len(dataset))]
         # Padding gives every process the same count (the last row repeated) so that the gather lines up.
-        split = self.accelerator.split_between_processes(rows, apply_padding=True)
+        split = self.accelerator.split_between_processes(list(range(len(rows))), apply_padding=True)
         with (
-            split as local_rows,
+            split as local_indices,
             _eval_mode(self.adapter.denoiser),
             self._evaluation_weights(),
             self._evaluation_sampler(),
         ):
-            generator = torch.Generator(device="cpu").manual_seed(self.args.seed + self.accelerator.process_index)
+            # Each prompt's noise is keyed by its index alone: the same at every evaluation, on any number of processes.
+            generators = sample_generators(self.args.seed, 0, EVALUATION_NOISE, local_indices)
             steps = self.args.eval_num_inference_steps or self.args.num_inference_steps
             chunk = self.args.per_device_eval_batch_size
             funcs = self.reward_funcs + self.eval_reward_funcs
             names = self.reward_func_names + self.eval_reward_func_names
-            *_, rewards_per_func, dropped = self._sample_and_score(local_rows, generator, chunk, steps, funcs, names)
+            local_rows = [rows[i] for i in local_indices]
+            *_, rewards_per_func, dropped = self._sample_and_score(local_rows, generators, chunk, steps, funcs, names)
         rewards_per_func = self.accelerator.gather(rewards_per_func.to(self.accelerator.device)).cpu()[: len(rows)]
         dropped = self.accelerator.gather(dropped.to(self.accelerator.device)).cpu()[: len(rows)]
         rewards_per_func[dropped] = float("nan")  # unknown, so left out of every mean

@@ -151,9 +151,10 @@ class DiffusionAdapter:
         conditioning: dict[str, torch.Tensor],
         num_inference_steps: int,
         resolution: int,
-        generator: torch.Generator,
+        generator: torch.Generator | list[torch.Generator],
     ) -> Rollout:
-        """Run the family's diffusers pipeline from precomputed conditioning and return the clean latents."""
+        """Run the family's diffusers pipeline from precomputed conditioning and return the clean latents. `generator`
+        is the pipeline's: one, or one per sample (the trainer's, which key each sample's noise by its index)."""
         raise NotImplementedError
 
     def _visited_flow_times(self, device: torch.device) -> torch.Tensor:
