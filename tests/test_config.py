@@ -87,6 +87,7 @@ BAD_VALUES = {
     "scale_rewards": "global",
     "advantage_clip": 0.0,
     "overlap_reward_scoring": "yes",
+    "per_device_rollout_batch_size": 0,
     "video_reward_frames": 0,
     "video_reward_aggregation": "max",
     "reward_failure_policy": "ignore",

@@ -162,7 +162,7 @@ def test_out_of_memory_names_the_setting_to_lower(make_config, prompts_dataset):
     trainer.adapter.sample = out_of_memory
     with pytest.raises(
         torch.OutOfMemoryError,
-        match=r"during the rollout\. .*per_device_train_batch_size=4 images at a time: lower it.*2\.00 GiB",
+        match=r"during the rollout\. .*4 images at a time: lower per_device_rollout_batch_size.*2\.00 GiB",
     ):
         trainer.train()
     trainer = _trainer(make_config, prompts_dataset, _jpeg_like)

@@ -199,6 +199,30 @@ def test_prompt_embeddings_are_not_recomputed_while_training(make_config, prompt
     assert len(calls) == 3 * 2
 
 
+def test_the_rollout_batch_size_changes_how_many_images_are_sampled_at_once_not_which(make_config):
+    """Each image's noise is keyed by its index in the rollout, so sampling 1 or 8 at a time gives the same images."""
+    rows = [{"prompt": f"a photo of object number {i // 4}"} for i in range(8)]
+
+    def rollout(rollout_batch_size: int | None) -> tuple[torch.Tensor, list[int]]:
+        config = make_config(per_device_train_batch_size=8, per_device_rollout_batch_size=rollout_batch_size)
+        trainer = DiffusionNFTTrainer(
+            "tiny-sd3", "jpeg_incompressibility", args=config, train_dataset=Dataset.from_list(rows)
+        )
+        sizes, sample = [], trainer.adapter.sample
+
+        def recorded(conditioning, steps, resolution, generators):
+            sizes.append(len(generators))  # one generator per image
+            return sample(conditioning, steps, resolution, generators)
+
+        trainer.adapter.sample = recorded
+        return trainer._generate_and_score(rows)["latents"], sizes
+
+    (one_at_a_time, sizes), (all_at_once, default_sizes) = rollout(1), rollout(None)
+    assert sizes == [1] * 8 and default_sizes == [8]  # None: per_device_train_batch_size
+    torch.testing.assert_close(one_at_a_time, all_at_once, atol=1e-5, rtol=0)
+    assert one_at_a_time[0].sub(one_at_a_time[1]).abs().max() > 1e-2  # the same prompt, other noise: another image
+
+
 def test_full_fine_tuning_uses_an_ema_old_policy(make_config, prompts_dataset, tmp_path):
     config = make_config(use_peft=False, max_steps=1, kl_coef=1e-2, learning_rate=1e-4)
     trainer = DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)

@@ -69,6 +69,10 @@ class NFTConfig(TrainingArguments):
     num_frames (`int` or `None`, *optional*, defaults to `None`):
         Frames per video, for video models (Wan 2.1: `4 k + 1`); `None` takes the model's default. Image models take
         none: setting it for one is an error.
+    per_device_rollout_batch_size (`int` or `None`, *optional*, defaults to `None`):
+        Images each process samples (and decodes and scores) at a time during rollouts; `None` is
+        `per_device_train_batch_size`. Sampling holds no activations for backward, so it usually fits a larger batch
+        than training. It changes neither the rollout's size nor its images: each image's noise is its own.
 
     > Parameters that control the rewards
 
@@ -80,7 +84,7 @@ class NFTConfig(TrainingArguments):
     advantage_clip (`float`, *optional*, defaults to `5.0`):
         `A_max` in `r = 0.5 + 0.5 clip(A / A_max, -1, 1)`; advantages beyond it saturate `r` at 0 or 1.
     overlap_reward_scoring (`bool`, *optional*, defaults to `False`):
-        Score each chunk of `per_device_train_batch_size` rollout images in a background thread while the next chunk
+        Score each chunk of `per_device_rollout_batch_size` rollout images in a background thread while the next chunk
         is sampled. Worth it when rewards are slow on the CPU or remote (a reward server, a VLM judge). Results are
         identical either way: every chunk is scored on its own in both modes.
     video_reward_frames (`int` or `None`, *optional*, defaults to `None`):
@@ -255,6 +259,10 @@ class NFTConfig(TrainingArguments):
     num_frames: int | None = field(
         default=None, metadata={"help": "Frames per video, for video models (Wan: 4 k + 1); None: the model's own."}
     )
+    per_device_rollout_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Images sampled at a time per process in rollouts; None: per_device_train_batch_size."},
+    )
 
     # Rewards
     reward_weights: list[float] | None = field(
@@ -376,6 +384,11 @@ class NFTConfig(TrainingArguments):
         check(self.resolution is None or self.resolution > 0, "resolution", "it must be a positive number of pixels")
         check(self.max_sequence_length >= 1, "max_sequence_length", "it must be at least 1")
         check(self.num_frames is None or self.num_frames >= 1, "num_frames", "it must be at least 1 (or None)")
+        check(
+            self.per_device_rollout_batch_size is None or self.per_device_rollout_batch_size >= 1,
+            "per_device_rollout_batch_size",
+            "it must be at least 1 (or None: per_device_train_batch_size)",
+        )
         check(
             self.video_reward_frames is None or self.video_reward_frames >= 1,
             "video_reward_frames",

@@ -69,8 +69,8 @@ OLD_POLICY_DIR = "old_policy"
 TRAINED_POLICY_DIR = "policy"  # in checkpoints with an EMA: the raw trained weights (the top level holds the EMA)
 TRAINED_ADAPTER, OLD_ADAPTER = "default", "old"
 _ROLLOUT_MEMORY_ADVICE = (
-    "Rollouts sample per_device_train_batch_size={batch} images at a time: lower it (and raise gradient_accumulation_steps to "
-    "keep the images per optimizer step), or lower resolution (or num_frames)."
+    "Rollouts sample {batch} images at a time: lower per_device_rollout_batch_size (which changes nothing else), or "
+    "resolution (or num_frames)."
 )
 _TRAINING_MEMORY_ADVICE = (
     "A micro-step trains on per_device_train_batch_size={batch} images: lower it (and raise gradient_accumulation_steps to "
@@ -514,7 +514,8 @@ class DiffusionNFTTrainer(Trainer):
     def _generate_and_score(self, rows: list[dict]) -> dict:
         """One rollout of this process's share of the step: sample with the old policy, score, and turn the rewards
         of all processes into optimality probabilities."""
-        device, chunk = self.accelerator.device, self.args.per_device_train_batch_size
+        device = self.accelerator.device
+        chunk = self.args.per_device_rollout_batch_size or self.args.per_device_train_batch_size
         prompts = [row["prompt"] for row in rows]
         # This process holds a contiguous block of the rollout, in the order of the gather below.
         local = slice(self.accelerator.process_index * len(rows), (self.accelerator.process_index + 1) * len(rows))
