@@ -10,7 +10,6 @@ import textwrap
 import time
 import warnings
 from collections import Counter, defaultdict
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -38,6 +37,7 @@ from .checkpointing import (
 )
 from .embedded import EMBEDDED_MODELS
 from .faults import NonFiniteStepGuard, explain_out_of_memory
+from .inputs import check_prompt_dataset, check_reward_columns, resolve_reward_funcs, warn_about_long_prompts
 from .model_card import final_reward_values, write_model_card
 from .models import get_adapter, load_pipeline, resolve_model_name
 from .nft_config import NFTConfig
@@ -58,7 +58,7 @@ from .randomness import (
     per_sample_randn,
     sample_generators,
 )
-from .rewards import RewardFunc, RewardModel, get_reward, required_columns, reward_name
+from .rewards import RewardFunc, RewardModel
 from .rewards.scoring import RewardFailurePolicy, score_samples
 
 
@@ -157,20 +157,20 @@ class DiffusionNFTTrainer(Trainer):
             model_name = model if isinstance(model, str) else type(model).__name__
             args = NFTConfig(output_dir=f"{model_name.split('/')[-1]}-NFT")
         # Everything cheap is checked before the model is loaded.
-        _check_prompt_dataset(train_dataset, "train_dataset", args.prompts_per_rollout)
+        check_prompt_dataset(train_dataset, "train_dataset", args.prompts_per_rollout)
         if eval_dataset is not None:
-            _check_prompt_dataset(eval_dataset, "eval_dataset", 1)
-        self.reward_funcs, self.reward_func_names = _resolve_reward_funcs(reward_funcs)
+            check_prompt_dataset(eval_dataset, "eval_dataset", 1)
+        self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs)
         self.eval_reward_funcs, self.eval_reward_func_names = (
-            _resolve_reward_funcs(eval_reward_funcs) if eval_reward_funcs is not None else ([], [])
+            resolve_reward_funcs(eval_reward_funcs) if eval_reward_funcs is not None else ([], [])
         )
-        _check_reward_columns(train_dataset, "train_dataset", self.reward_funcs, self.reward_func_names)
+        check_reward_columns(train_dataset, "train_dataset", self.reward_funcs, self.reward_func_names)
         if eval_dataset is not None:
             funcs, func_names = (
                 self.reward_funcs + self.eval_reward_funcs,
                 self.reward_func_names + self.eval_reward_func_names,
             )
-            _check_reward_columns(eval_dataset, "eval_dataset", funcs, func_names)
+            check_reward_columns(eval_dataset, "eval_dataset", funcs, func_names)
         names = self.reward_func_names + self.eval_reward_func_names
         if len(set(names)) < len(names):
             raise ValueError(
@@ -198,7 +198,7 @@ class DiffusionNFTTrainer(Trainer):
             max_sequence_length=args.max_sequence_length,
             num_frames=args.num_frames,
         )
-        self._warn_about_long_prompts(train_dataset)
+        warn_about_long_prompts(self.adapter, train_dataset)
         self.resolution = args.resolution or self.adapter.default_resolution()
         self.adapter.check_resolution(self.resolution)
         self.adapter.set_sampler(args.sampler, args.sampler_kwargs)
@@ -305,18 +305,6 @@ class DiffusionNFTTrainer(Trainer):
             self._trained_params = list(denoiser.parameters())
             self._old_params = list(self.old_model.parameters())
         soft_update_(self._old_params, self._trained_params, decay=0.0)  # the old policy starts as a copy
-
-    def _warn_about_long_prompts(self, dataset: Dataset, most: int = 20_000) -> None:
-        """One warning for the prompts the text encoders will truncate (the pipeline's own warnings, one per encoding
-        call, are silenced), counted over the first `most` distinct prompts."""
-        prompts = list(dict.fromkeys(dataset["prompt"][:most]))
-        truncated, limits = self.adapter.count_truncated_prompts(prompts)
-        if truncated:
-            scanned = f"the first {len(prompts)} distinct" if len(dataset) > most else f"the {len(prompts)} distinct"
-            logger.warning(
-                f"{truncated} of {scanned} training prompts are longer than the text encoders take ({', '.join(limits)}) "
-                "and are truncated: shorten them, or raise max_sequence_length where the long encoder allows it."
-            )
 
     def _held_out_metric(self, metric: str | None) -> str:
         """The evaluation metric the reward-hacking guard watches: `metric`, else the first held-out reward's mean,
@@ -946,49 +934,6 @@ def _base_model(model: str | DiffusionPipeline, pipeline: DiffusionPipeline) -> 
 def _copy_(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
     for target, source in zip(targets, sources, strict=True):
         target.copy_(source)
-
-
-def _check_prompt_dataset(dataset: Dataset | None, name: str, min_rows: int) -> None:
-    if dataset is None:
-        raise ValueError(f"{name} is required: a datasets.Dataset with a 'prompt' column.")
-    if not hasattr(dataset, "column_names") or not hasattr(dataset, "__len__"):
-        raise ValueError(f"{name} must be a datasets.Dataset with a 'prompt' column, got {type(dataset).__name__}.")
-    if "prompt" not in dataset.column_names:
-        raise ValueError(f"{name} has no 'prompt' column (columns: {dataset.column_names}); rename the prompt column.")
-    if len(dataset) == 0:
-        raise ValueError(f"{name} is empty: it needs at least one prompt.")
-    if len(dataset) < min_rows:
-        raise ValueError(
-            f"{name} has {len(dataset)} prompts but one optimizer step needs {min_rows} (images per step / "
-            "num_generations); add prompts or lower per_device_train_batch_size or gradient_accumulation_steps."
-        )
-
-
-def _check_reward_columns(dataset: Dataset, dataset_name: str, funcs: list[RewardFunc], names: list[str]) -> None:
-    """A `ValueError` naming the reward and the columns when `dataset` lacks a column a reward needs."""
-    for func, name in zip(funcs, names, strict=True):
-        missing = [column for column in required_columns(func) if column not in dataset.column_names]
-        if missing:
-            raise ValueError(
-                f"The reward {name!r} needs the dataset column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}, "
-                f"which {dataset_name} lacks (its columns: {dataset.column_names}). Add it, or use a prompt set that "
-                "has it (docs/rewards.md lists what each reward needs, e.g. GenEval's prompts: trl_nft.geneval_prompts)."
-            )
-
-
-def _resolve_reward_funcs(reward_funcs) -> tuple[list[Callable], list[str]]:
-    funcs = reward_funcs if isinstance(reward_funcs, list | tuple) else [reward_funcs]
-    if not funcs:
-        raise ValueError("reward_funcs is empty: give at least one reward function or registered reward name.")
-    resolved, names = [], []
-    for func in funcs:
-        if isinstance(func, str):
-            func = get_reward(func)
-        elif not callable(func):
-            raise TypeError(f"reward_funcs entries must be callables or registered names, got {type(func).__name__}.")
-        resolved.append(func)
-        names.append(reward_name(func))
-    return resolved, names
 
 
 def _take(batch: dict, index: torch.Tensor | slice) -> dict:

@@ -1,0 +1,70 @@
+"""Checking what a user passes to `DiffusionNFTTrainer` before any long work: the prompt datasets, the reward
+functions and the dataset columns they need, and prompts the text encoders will truncate. Each problem is a clear
+error naming the argument and the fix (or, for long prompts, one warning with the count)."""
+
+from collections.abc import Callable
+
+from datasets import Dataset
+from transformers.utils import logging
+
+from .models import DiffusionAdapter
+from .rewards import RewardFunc, get_reward, required_columns, reward_name
+
+
+logger = logging.get_logger(__name__)
+
+
+def check_prompt_dataset(dataset: Dataset | None, name: str, min_rows: int) -> None:
+    if dataset is None:
+        raise ValueError(f"{name} is required: a datasets.Dataset with a 'prompt' column.")
+    if not hasattr(dataset, "column_names") or not hasattr(dataset, "__len__"):
+        raise ValueError(f"{name} must be a datasets.Dataset with a 'prompt' column, got {type(dataset).__name__}.")
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"{name} has no 'prompt' column (columns: {dataset.column_names}); rename the prompt column.")
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty: it needs at least one prompt.")
+    if len(dataset) < min_rows:
+        raise ValueError(
+            f"{name} has {len(dataset)} prompts but one optimizer step needs {min_rows} (images per step / "
+            "num_generations); add prompts or lower per_device_train_batch_size or gradient_accumulation_steps."
+        )
+
+
+def check_reward_columns(dataset: Dataset, dataset_name: str, funcs: list[RewardFunc], names: list[str]) -> None:
+    """A `ValueError` naming the reward and the columns when `dataset` lacks a column a reward needs."""
+    for func, name in zip(funcs, names, strict=True):
+        missing = [column for column in required_columns(func) if column not in dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"The reward {name!r} needs the dataset column{'s' if len(missing) > 1 else ''} {', '.join(map(repr, missing))}, "
+                f"which {dataset_name} lacks (its columns: {dataset.column_names}). Add it, or use a prompt set that "
+                "has it (docs/rewards.md lists what each reward needs, e.g. GenEval's prompts: trl_nft.geneval_prompts)."
+            )
+
+
+def resolve_reward_funcs(reward_funcs) -> tuple[list[Callable], list[str]]:
+    funcs = reward_funcs if isinstance(reward_funcs, list | tuple) else [reward_funcs]
+    if not funcs:
+        raise ValueError("reward_funcs is empty: give at least one reward function or registered reward name.")
+    resolved, names = [], []
+    for func in funcs:
+        if isinstance(func, str):
+            func = get_reward(func)
+        elif not callable(func):
+            raise TypeError(f"reward_funcs entries must be callables or registered names, got {type(func).__name__}.")
+        resolved.append(func)
+        names.append(reward_name(func))
+    return resolved, names
+
+
+def warn_about_long_prompts(adapter: DiffusionAdapter, dataset: Dataset, most: int = 20_000) -> None:
+    """One warning for the prompts of `dataset` that `adapter`'s text encoders will truncate (the pipeline's own warnings, one per encoding
+    call, are silenced), counted over the first `most` distinct prompts."""
+    prompts = list(dict.fromkeys(dataset["prompt"][:most]))
+    truncated, limits = adapter.count_truncated_prompts(prompts)
+    if truncated:
+        scanned = f"the first {len(prompts)} distinct" if len(dataset) > most else f"the {len(prompts)} distinct"
+        logger.warning(
+            f"{truncated} of {scanned} training prompts are longer than the text encoders take ({', '.join(limits)}) "
+            "and are truncated: shorten them, or raise max_sequence_length where the long encoder allows it."
+        )
