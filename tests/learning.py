@@ -54,6 +54,19 @@ def eval_gain(
     return trainer.evaluate()["eval_reward"] - before
 
 
+def assert_beats_a_shuffled_control(
+    make_config, model, reward, minimum_gain: float, minimum_margin: float, **eval_gain_kwargs
+) -> None:
+    """Train on `reward` and, as the control, on the same reward shuffled within each rollout (`eval_gain`): the
+    real run's gain must exceed `minimum_gain`, and the control's by `minimum_margin`."""
+    real = eval_gain(make_config, model, reward, False, **eval_gain_kwargs)
+    control = eval_gain(make_config, model, reward, True, **eval_gain_kwargs)
+    assert real > minimum_gain, f"the reward rose by only {real:.4f}"
+    assert real - control > minimum_margin, (
+        f"real reward gain {real:.4f} is not clearly above the shuffled control {control:.4f}"
+    )
+
+
 def brightness(images, prompts, **kwargs) -> list[float]:
     """Mean pixel value of each image, in [0, 1]."""
     return to_tensor(images).mean(dim=(1, 2, 3)).tolist()
