@@ -27,6 +27,13 @@ MMDIT_ATTENTION_TARGETS = (
     "attn.add_v_proj",
     "attn.to_add_out",
 )
+#: The query, key, value and output projections of a DiT block's self-attention (`attn1`) and cross-attention to the
+#: prompt (`attn2`): SANA's and Wan's blocks.
+SELF_AND_CROSS_ATTENTION_TARGETS = tuple(
+    f"{attention}.{projection}"
+    for attention in ("attn1", "attn2")
+    for projection in ("to_q", "to_k", "to_v", "to_out.0")
+)
 
 
 @dataclass

@@ -29,7 +29,7 @@ import torch
 from diffusers import SanaPipeline
 from torch import nn
 
-from .base import DiffusionAdapter, Rollout, check_resolution_multiple
+from .base import SELF_AND_CROSS_ATTENTION_TARGETS, DiffusionAdapter, Rollout, check_resolution_multiple
 
 
 #: The complex human instruction `SanaPipeline.__call__` puts before every prompt by default (NVlabs/Sana's app config).
@@ -47,16 +47,7 @@ class SanaAdapter(DiffusionAdapter):
     # query, key, value and output projections of every block's linear self-attention (`attn1`) and cross-attention
     # (`attn2`); the GLUMBConv feed-forward layers are convolutions, left alone. diffusers' DreamBooth-LoRA SANA script
     # targets only `to_q`, `to_k` and `to_v` of both.
-    lora_target_modules = (
-        "attn1.to_q",
-        "attn1.to_k",
-        "attn1.to_v",
-        "attn1.to_out.0",
-        "attn2.to_q",
-        "attn2.to_k",
-        "attn2.to_v",
-        "attn2.to_out.0",
-    )
+    lora_target_modules = SELF_AND_CROSS_ATTENTION_TARGETS
     # Gemma's own limit is far beyond any prompt; the pipeline keeps `<bos>` and about `max_sequence_length - 1` of the
     # prompt's tokens (from the instruction's last token on).
     prompt_token_limits = {"tokenizer": "max_sequence_length"}

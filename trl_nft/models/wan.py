@@ -24,7 +24,7 @@ import torch
 from diffusers import WanPipeline
 from torch import nn
 
-from .base import DiffusionAdapter, Rollout, check_resolution_multiple
+from .base import SELF_AND_CROSS_ATTENTION_TARGETS, DiffusionAdapter, Rollout, check_resolution_multiple
 
 
 #: `WanPipeline`'s video height when none is given (its width is 832), fixed in its code, not in a config.
@@ -38,18 +38,7 @@ class WanAdapter(DiffusionAdapter):
     denoiser_name = "transformer"
     # Flow-Factory's Wan 2.1 targets for its NFT and GRPO recipes (`Wan2_T2V_Adapter.default_target_modules`): the
     # self-attention (`attn1`) and cross-attention (`attn2`) projections and the feed-forward layers of every block.
-    lora_target_modules = (
-        "attn1.to_q",
-        "attn1.to_k",
-        "attn1.to_v",
-        "attn1.to_out.0",
-        "attn2.to_q",
-        "attn2.to_k",
-        "attn2.to_v",
-        "attn2.to_out.0",
-        "ffn.net.0.proj",
-        "ffn.net.2",
-    )
+    lora_target_modules = (*SELF_AND_CROSS_ATTENTION_TARGETS, "ffn.net.0.proj", "ffn.net.2")
     produces_videos = True
     prompt_token_limits = {"tokenizer": "max_sequence_length"}
 
