@@ -419,9 +419,9 @@ class DiffusionNFTTrainer(Trainer):
         reward_func_names: list[str],
     ) -> tuple[dict, torch.Tensor, torch.Tensor, list, torch.Tensor, torch.Tensor]:
         """Sample one image per row with the pipeline's current denoiser, `chunk_size` images at a time, each from its
-        own generator, decode each chunk to PIL and score it. Returns per-image conditioning, clean latents, the sampler's time grid, the images
-        (or videos), the rewards `[num_images, num_funcs]` and which images the reward failure policy dropped. Each
-        unique prompt is encoded once.
+        own generator, decode each chunk to PIL and score it. Returns per-image conditioning, clean latents, the
+        sampler's time grid, the images (or videos), the rewards `[num_images, num_funcs]` and which images the reward
+        failure policy dropped. Each unique prompt is encoded once.
 
         Every chunk is scored on its own, so with `overlap_reward_scoring` (a chunk scored in a background thread while
         the next one is sampled) the rewards are exactly those of the sequential order."""
