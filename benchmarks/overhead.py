@@ -87,6 +87,7 @@ def make_config(
     max_sequence_length: int,
     kl_coef: float,
     max_steps: int,
+    compiled: bool = False,
 ) -> NFTConfig:
     """The trainer's configuration; the direct implementation reads its hyper-parameters from the same object."""
     return NFTConfig(
@@ -100,6 +101,7 @@ def make_config(
         max_sequence_length=max_sequence_length,
         kl_coef=kl_coef,
         max_steps=max_steps,
+        torch_compile=compiled,
         logging_steps=1,  # one log_history entry (with its timings) per step
         save_strategy="no",
         report_to="none",
@@ -117,7 +119,7 @@ class DirectNFT:
     reproducible CPU-side random streams), which is exactly the overhead being measured.
     """
 
-    def __init__(self, pipeline: DiffusionPipeline, config: NFTConfig, device: torch.device):
+    def __init__(self, pipeline: DiffusionPipeline, config: NFTConfig, device: torch.device, compiled: bool = False):
         self.pipeline = pipeline.to(device)
         self.pipeline.set_progress_bar_config(disable=True)
         self.config = config
@@ -158,6 +160,9 @@ class DirectNFT:
         for param in self.trained_params + self.old_params:
             param.data = param.data.float()
         soft_update_(self.old_params, self.trained_params, decay=0.0)
+        if compiled:  # torch.compile of each transformer block, as diffusers' regional compilation does
+            for block in transformer.transformer_blocks:
+                block.compile()
         self.optimizer = torch.optim.AdamW(
             self.trained_params,
             lr=config.learning_rate,
@@ -295,18 +300,32 @@ class InterleaveCallback(TrainerCallback):
         self.direct, self.steps, self.label = direct, steps, label
         self.trainer_seconds: list[float] = []
         self.direct_timings: list[dict[str, float]] = []
+        # On a GPU: the highest allocation during each side's work.
+        self.peak_memory_gib = {"trainer": 0.0, "direct": 0.0}
         self._last = 0.0
 
+    def _reset_peak(self) -> None:
+        if self.direct.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.direct.device)
+
+    def _record_peak(self, impl: str) -> None:
+        if self.direct.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.direct.device) / 2**30
+            self.peak_memory_gib[impl] = max(self.peak_memory_gib[impl], peak)
+
     def on_train_begin(self, args, state, control, **kwargs):
+        self._reset_peak()
         self._last = synchronized_clock(self.direct.device)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer_seconds.append(synchronized_clock(self.direct.device) - self._last)
+        self._record_peak("trainer")
         print(
             f"[{self.label}] trainer step {state.global_step}/{state.max_steps}: {self.trainer_seconds[-1]:.3f} s",
             flush=True,
         )
         if state.global_step % self.steps == 0:
+            self._reset_peak()
             num_prompts = args.per_device_train_batch_size // args.num_generations
             for _ in range(self.steps):
                 first = self.direct.step * num_prompts
@@ -316,6 +335,8 @@ class InterleaveCallback(TrainerCallback):
                     f"[{self.label}] direct iteration {len(self.direct_timings)}: {self.direct_timings[-1]['total']:.3f} s",
                     flush=True,
                 )
+            self._record_peak("direct")
+            self._reset_peak()
         self._last = synchronized_clock(self.direct.device)
 
 
@@ -345,10 +366,13 @@ def run_config(
     max_sequence_length: int,
     steps: int,
     repeats: int,
+    compiled: bool = False,
 ) -> dict:
     """Measure one configuration: one warm-up round, then `repeats` rounds of `steps` trainer steps followed by `steps`
-    direct iterations. Builds two pipelines with `pipeline_factory` (one each: the trainer adds its own adapters)."""
-    label = f"kl_coef={kl_coef:g}"
+    direct iterations. Builds two pipelines with `pipeline_factory` (one each: the trainer adds its own adapters).
+    `compiled`: both sides compile the transformer's blocks (the trainer with `torch_compile`); the warm-up round
+    holds the compilation."""
+    label = f"kl_coef={kl_coef:g}, {'compiled' if compiled else 'eager'}"
     with tempfile.TemporaryDirectory() as output_dir:
         config = make_config(
             output_dir,
@@ -361,6 +385,7 @@ def run_config(
             max_sequence_length=max_sequence_length,
             kl_coef=kl_coef,
             max_steps=(1 + repeats) * steps,
+            compiled=compiled,
         )
         start = time.perf_counter()
         trainer = DiffusionNFTTrainer(
@@ -369,10 +394,8 @@ def run_config(
             args=config,
             train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
         )
-        direct = DirectNFT(pipeline_factory(), config, trainer.accelerator.device)
+        direct = DirectNFT(pipeline_factory(), config, trainer.accelerator.device, compiled=compiled)
         print(f"[{label}] built trainer and direct pipelines in {time.perf_counter() - start:.1f} s", flush=True)
-        if direct.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(direct.device)
 
         trainer.remove_callback(PrinterCallback)  # the per-step log dicts would drown the progress lines
         interleave = InterleaveCallback(direct, steps, label)
@@ -406,6 +429,7 @@ def run_config(
     direct_summary = summarize(direct_timings, num_images, num_train_times)
     result = {
         "kl_coef": kl_coef,
+        "compiled": compiled,
         "resolution": trainer.resolution,
         "num_train_times": num_train_times,
         "trained_parameters": trainer_params,
@@ -422,7 +446,8 @@ def run_config(
         "train_call_seconds": wall_clock,
     }
     if direct.device.type == "cuda":
-        result["peak_memory_gib_both_pipelines"] = torch.cuda.max_memory_allocated(direct.device) / 2**30
+        # Both pipelines stay on the GPU throughout, so each peak includes the other side's weights.
+        result["peak_memory_gib_both_pipelines"] = interleave.peak_memory_gib
 
     # Free both pipelines before the next configuration builds its own.
     del trainer, direct, interleave
@@ -436,6 +461,7 @@ def run_benchmark(
     pipeline_factory: Callable[[], DiffusionPipeline],
     *,
     kl_coefs: tuple[float, ...] = (1e-4, 0.0),
+    compile_modes: tuple[bool, ...] = (False,),
     device: str = "cpu",
     bf16: bool = False,
     resolution: int | None = None,
@@ -449,7 +475,7 @@ def run_benchmark(
     extra_settings: dict | None = None,
     output: str | None = None,
 ) -> dict:
-    """Trainer vs. direct iteration for each `kl_coef`; returns a JSON-ready dict (see `format_table`). With `output`,
+    """Trainer vs. direct iteration for each `kl_coef` and compile mode (False: eager); returns a JSON-ready dict (see `format_table`). With `output`,
     the results so far are written there after each configuration, so a run cut short still leaves numbers."""
     settings = {
         "model": model_name,
@@ -466,11 +492,12 @@ def run_benchmark(
         **(extra_settings or {}),
     }
     results = {"settings": settings, "environment": environment(device), "configs": []}
-    for kl_coef in kl_coefs:
+    for kl_coef, compiled in ((kl_coef, compiled) for kl_coef in kl_coefs for compiled in compile_modes):
         results["configs"].append(
             run_config(
                 pipeline_factory,
                 kl_coef=kl_coef,
+                compiled=compiled,
                 device=device,
                 bf16=bf16,
                 resolution=resolution,
@@ -507,22 +534,23 @@ def environment(device: str) -> dict:
 def format_table(results: dict) -> str:
     """The results as a markdown table: per configuration, the trainer and direct medians and their ratio."""
     lines = [
-        "| kl_coef | impl | rollout s | reward s | train s | other s | total s | rollout img/s | train sample-steps/s | s/image |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| kl_coef | compiled | impl | rollout s | reward s | train s | other s | total s | rollout img/s | train sample-steps/s | s/image |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config in results["configs"]:
+        kl_coef, compiled = f"{config['kl_coef']:g}", "yes" if config.get("compiled") else "no"
         for impl in ("trainer", "direct"):
             summary = config[impl]
             median = summary["median_seconds"]
             lines.append(
-                f"| {config['kl_coef']:g} | {impl} | {median['rollout']:.3f} | {median['reward']:.3f} | "
+                f"| {kl_coef} | {compiled} | {impl} | {median['rollout']:.3f} | {median['reward']:.3f} | "
                 f"{median['train']:.3f} | {median['other']:.3f} | {median['total']:.3f} | "
                 f"{summary['rollout_images_per_second']:.1f} | {summary['train_sample_steps_per_second']:.1f} | "
                 f"{summary['seconds_per_image']:.4f} |"
             )
         ratio = config["ratio_trainer_over_direct"]
         lines.append(
-            f"| {config['kl_coef']:g} | **trainer / direct** | {ratio['rollout']:.3f} | {ratio['reward']:.3f} | "
+            f"| {kl_coef} | {compiled} | **trainer / direct** | {ratio['rollout']:.3f} | {ratio['reward']:.3f} | "
             f"{ratio['train']:.3f} | | **{ratio['total']:.3f}** (paired: {config['paired_ratio_total_median']:.3f}) | | | |"
         )
     return "\n".join(lines)
@@ -535,7 +563,9 @@ def write_results(results: dict, path: str) -> None:
     print(f"wrote {path}", flush=True)
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, steps: int, repeats: int) -> None:
+def add_common_arguments(
+    parser: argparse.ArgumentParser, *, batch_size: int, steps: int, repeats: int, compile_default: str = "eager"
+) -> None:
     """Flags shared by the benchmark scripts (each passes its own defaults)."""
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -562,6 +592,17 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, batch_size: int, st
         "jobs, multi-threaded kernels slow down many-fold when the cores are oversubscribed; 1 thread degrades gracefully.",
     )
     parser.add_argument("--kl-coefs", type=float, nargs="+", default=[1e-4, 0.0], help="kl_coef values to measure.")
+    parser.add_argument(
+        "--compile",
+        choices=("eager", "compiled", "both"),
+        default=compile_default,
+        help="Eager, the transformer's blocks compiled (trainer: torch_compile), or both, each kl_coef.",
+    )
+
+
+def compile_modes(args: argparse.Namespace) -> tuple[bool, ...]:
+    """The `--compile` choice as `run_benchmark`'s `compile_modes`."""
+    return {"eager": (False,), "compiled": (True,), "both": (False, True)}[args.compile]
 
 
 def parse_common(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, bool]:
@@ -584,6 +625,7 @@ def main() -> None:
     results = run_benchmark(
         lambda: load_pipeline(args.model, torch_dtype=dtype),
         kl_coefs=tuple(args.kl_coefs),
+        compile_modes=compile_modes(args),
         device=args.device,
         bf16=bf16,
         resolution=args.resolution,

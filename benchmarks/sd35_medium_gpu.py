@@ -22,7 +22,7 @@ import time
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-from overhead import add_common_arguments, format_table, parse_common, run_benchmark
+from overhead import add_common_arguments, compile_modes, format_table, parse_common, run_benchmark
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from trl_nft.embedded.tiny import _clip_tokenizer, _t5_tokenizer
@@ -145,7 +145,7 @@ def build_sd3_pipeline(sizes: dict, device: str, dtype: torch.dtype, seed: int =
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="Same architecture with tiny dims (checks the code path).")
-    add_common_arguments(parser, batch_size=8, steps=1, repeats=5)
+    add_common_arguments(parser, batch_size=8, steps=1, repeats=5, compile_default="both")
     default_output = os.path.join(
         os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"), "sd35m_gpu.json"
     )
@@ -178,6 +178,7 @@ def main() -> None:
     results = run_benchmark(
         pipeline_factory,
         kl_coefs=tuple(args.kl_coefs),
+        compile_modes=compile_modes(args),
         device=args.device,
         bf16=bf16,
         resolution=resolution,

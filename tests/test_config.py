@@ -88,6 +88,7 @@ BAD_VALUES = {
     "advantage_clip": 0.0,
     "overlap_reward_scoring": "yes",
     "per_device_rollout_batch_size": 0,
+    "prompt_embedding_cache_size": -1,
     "video_reward_frames": 0,
     "video_reward_aggregation": "max",
     "reward_failure_policy": "ignore",

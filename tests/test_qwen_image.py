@@ -156,6 +156,7 @@ def test_cli_trains_the_embedded_model_and_writes_a_diffusers_lora(tmp_path):
             {"sampler": "DPMSolverMultistepScheduler"},
             r"sampler='DPMSolverMultistepScheduler' cannot sample Qwen-Image",
         ),
+        ({"prompt_embedding_cache_size": 8}, r"prompt_embedding_cache_size=8 cannot be used with QwenImagePipeline"),
     ],
 )
 def test_bad_settings_are_refused_at_construction(make_config, overrides, message):

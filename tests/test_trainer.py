@@ -11,6 +11,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import TrainerCallback
 
 from trl_nft import DiffusionNFTTrainer, build_tiny_sd3
+from trl_nft.prompt_cache import PromptEmbeddingCache
 
 
 def test_train_logs_the_documented_metrics(make_config, prompts_dataset):
@@ -197,6 +198,49 @@ def test_prompt_embeddings_are_not_recomputed_while_training(make_config, prompt
     trainer.train()
     # SD3 has three text encoders, each run once per rollout (two rollouts), never in the training step.
     assert len(calls) == 3 * 2
+
+
+def test_the_prompt_embedding_cache_encodes_a_prompt_once_across_rollouts_and_changes_nothing(make_config):
+    """Four prompts, one per rollout, eight rollouts: with room for all four, each is encoded once (SD3's three text
+    encoders: 12 calls, not 24), and the run ends with the weights of a run that encodes every rollout anew."""
+    dataset = Dataset.from_dict({"prompt": [f"a photo of object number {i}" for i in range(4)]})
+
+    def run(cache_size: int) -> tuple[list[torch.Tensor], int, DiffusionNFTTrainer]:
+        config = make_config(max_steps=8, learning_rate=1e-2, prompt_embedding_cache_size=cache_size)
+        trainer = DiffusionNFTTrainer("tiny-sd3", "jpeg_compressibility", args=config, train_dataset=dataset)
+        calls = []
+        for encoder in trainer.adapter.text_encoders:
+            encoder.register_forward_hook(lambda *args: calls.append(1))
+        trainer.train()
+        return [p.detach().clone() for p in trainer._trained_params], len(calls), trainer
+
+    cached, cached_calls, trainer = run(4)
+    bounded, bounded_calls, bounded_trainer = run(2)
+    fresh, fresh_calls, _ = run(0)
+    assert (cached_calls, fresh_calls) == (3 * 4, 3 * 8)
+    assert len(trainer._prompt_cache) == 4 and len(bounded_trainer._prompt_cache) == 2
+    assert cached_calls < bounded_calls <= fresh_calls  # two kept: some prompts come back after being dropped
+    for a, b, c in zip(cached, bounded, fresh, strict=True):
+        torch.testing.assert_close(a, c, atol=1e-6, rtol=0)
+        torch.testing.assert_close(b, c, atol=1e-6, rtol=0)
+
+
+def test_the_prompt_embedding_cache_drops_the_least_recently_used_prompt():
+    encoded = []
+
+    def encode(prompts):
+        encoded.append(list(prompts))
+        return {"embeds": torch.tensor([[float(len(p)), float(ord(p[0]))] for p in prompts])}
+
+    cache = PromptEmbeddingCache(capacity=2)
+    first = cache.encode(["a", "bb"], encode)
+    cache.encode(["a"], encode)  # "a" is now the most recently used
+    cache.encode(["ccc"], encode)  # room for two: "bb" goes
+    again = cache.encode(["bb", "a", "ccc"], encode)
+    assert encoded == [["a", "bb"], ["ccc"], ["bb"]]
+    assert torch.equal(again["embeds"][:2], first["embeds"].flip(0))
+    assert torch.equal(again["embeds"][2], torch.tensor([3.0, float(ord("c"))]))
+    assert len(cache) == 2
 
 
 def test_the_rollout_batch_size_changes_how_many_images_are_sampled_at_once_not_which(make_config):

@@ -169,8 +169,15 @@ def test_trl_nft_cli_trains_tiny_z_image_and_writes_a_lora_and_a_model_card(tmp_
         ({"sampler": "DPMSolverMultistepScheduler"}, r"sampler='DPMSolverMultistepScheduler' cannot sample Z-Image"),
         # Z-Image-Turbo's CFG-free pipeline setting is 0.0; the trainer's scale for it is 1.0.
         ({"guidance_scale": 0.0}, r"guidance_scale=0.0 is invalid: use 1.0 for CFG-free sampling"),
+        ({"prompt_embedding_cache_size": 8}, r"prompt_embedding_cache_size=8 cannot be used with ZImagePipeline"),
     ],
-    ids=["resolution", "resolution-beyond-rope", "sampler-without-sigmas", "guidance-in-the-pipelines-convention"],
+    ids=[
+        "resolution",
+        "resolution-beyond-rope",
+        "sampler-without-sigmas",
+        "guidance-in-the-pipelines-convention",
+        "prompt-embedding-cache",
+    ],
 )
 def test_bad_settings_are_refused_at_construction(make_config, overrides, message):
     with pytest.raises(ValueError, match=message):

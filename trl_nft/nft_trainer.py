@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import safetensors.torch
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, TorchDynamoPlugin
 from datasets import Dataset
 from diffusers import DiffusionPipeline
 from diffusers.configuration_utils import FrozenDict
@@ -37,6 +37,7 @@ from .checkpointing import (
 )
 from .embedded import EMBEDDED_MODELS
 from .faults import NonFiniteStepGuard, explain_out_of_memory
+from .forwards import BASE_MODEL, compile_repeated_blocks, mixed_adapter_batch, repeat_batch, weights_dtype_forward
 from .inputs import check_prompt_dataset, check_reward_columns, resolve_reward_funcs, warn_about_long_prompts
 from .model_card import final_reward_values, write_model_card
 from .models import get_adapter, load_pipeline, resolve_model_name
@@ -50,6 +51,7 @@ from .objective import (
     optimality_probability,
     soft_update_,
 )
+from .prompt_cache import prompt_embedding_cache
 from .randomness import (
     EVALUATION_NOISE,
     ROLLOUT_NOISE,
@@ -199,6 +201,7 @@ class DiffusionNFTTrainer(Trainer):
             num_frames=args.num_frames,
         )
         warn_about_long_prompts(self.adapter, train_dataset)
+        self._prompt_cache = prompt_embedding_cache(args.prompt_embedding_cache_size, self.adapter)
         self.resolution = args.resolution or self.adapter.default_resolution()
         self.adapter.check_resolution(self.resolution)
         self.adapter.set_sampler(args.sampler, args.sampler_kwargs)
@@ -211,6 +214,10 @@ class DiffusionNFTTrainer(Trainer):
         _speak_transformers_trainer(denoiser)
         set_seed(args.seed)  # LoRA initialisation draws from the global generator
         self._setup_policies(denoiser, args, peft_config)
+        if args.torch_compile:  # the blocks, in place, instead of accelerate's whole-model compile of `model` only
+            for module in (denoiser, self.old_model, self.ref_model):
+                if module is not None:
+                    compile_repeated_blocks(module, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
 
         super().__init__(
             model=denoiser,
@@ -305,6 +312,12 @@ class DiffusionNFTTrainer(Trainer):
             self._trained_params = list(denoiser.parameters())
             self._old_params = list(self.old_model.parameters())
         soft_update_(self._old_params, self._trained_params, decay=0.0)  # the old policy starts as a copy
+
+    def _build_accelerator_args(self, **kwargs) -> dict:
+        # `torch_compile` compiled the denoiser's blocks in place (see __init__); accelerate compiles nothing more.
+        accelerator_args = super()._build_accelerator_args(**kwargs)
+        accelerator_args["dynamo_plugin"] = TorchDynamoPlugin(backend="no")
+        return accelerator_args
 
     def _held_out_metric(self, metric: str | None) -> str:
         """The evaluation metric the reward-hacking guard watches: `metric`, else the first held-out reward's mean,
@@ -421,7 +434,7 @@ class DiffusionNFTTrainer(Trainer):
         """Sample one image per row with the pipeline's current denoiser, `chunk_size` images at a time, each from its
         own generator, decode each chunk to PIL and score it. Returns per-image conditioning, clean latents, the
         sampler's time grid, the images (or videos), the rewards `[num_images, num_funcs]` and which images the reward
-        failure policy dropped. Each unique prompt is encoded once.
+        failure policy dropped. Each unique prompt is encoded once (or taken from the prompt-embedding cache).
 
         Every chunk is scored on its own, so with `overlap_reward_scoring` (a chunk scored in a background thread while
         the next one is sampled) the rewards are exactly those of the sequential order."""
@@ -429,7 +442,10 @@ class DiffusionNFTTrainer(Trainer):
         position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
         # The pipeline's and the tokenizers' truncation warnings: counted once, at start-up, instead.
         with _quiet(type(self.pipeline).__module__, "transformers.tokenization_utils_base"):
-            encoded = self.adapter.encode_prompts(list(position))
+            if self._prompt_cache is not None:
+                encoded = self._prompt_cache.encode(list(position), self.adapter.encode_prompts)
+            else:
+                encoded = self.adapter.encode_prompts(list(position))
         index = torch.tensor([position[p] for p in prompts], device=self.accelerator.device)
         conditioning = {key: value[index] for key, value in encoded.items()}
         latents, images, scored = [], [], []
@@ -437,6 +453,7 @@ class DiffusionNFTTrainer(Trainer):
         with (
             tqdm(total=len(rows), desc="Sampling", unit="img", leave=False, disable=not show) as sampling_bar,
             tqdm(total=len(rows), desc="Scoring", unit="img", leave=False, disable=not show) as scoring_bar,
+            weights_dtype_forward(self.adapter.denoiser),  # latents stay in the mixed-precision dtype
         ):
 
             def score(chunk_images: list, chunk_rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -456,7 +473,7 @@ class DiffusionNFTTrainer(Trainer):
                 chunk_images = self._decode_to_pil(rollout.latents)
                 self._rollout_seconds += time.perf_counter() - start_time
                 sampling_bar.update(len(chunk_images))
-                latents.append(rollout.latents)
+                latents.append(rollout.latents.float())  # the training targets are computed in float32
                 images += chunk_images
                 if self._scoring_thread is not None:
                     scored.append(self._scoring_thread.submit(score, chunk_images, rows[chunk]))
@@ -591,20 +608,8 @@ class DiffusionNFTTrainer(Trainer):
             noisy, _ = forward_process(clean, noise, sigmas)
             samples.append({**batch, "sigmas": sigmas, "noise": noise, "noisy": noisy, "reference_velocity": None})
 
-        # One switch to each frozen policy per micro-step, not one per time.
-        conditioning = batch["conditioning"]
         with torch.no_grad():
-            with self._acting_as_old_policy() as old_policy:
-                for sample in samples:
-                    sample["old_velocity"] = self.adapter.predict_velocity(
-                        old_policy, sample["noisy"], sample["sigmas"], conditioning
-                    )
-            if self.args.kl_coef > 0:
-                with self._acting_as_reference() as reference:
-                    for sample in samples:
-                        sample["reference_velocity"] = self.adapter.predict_velocity(
-                            reference, sample["noisy"], sample["sigmas"], conditioning
-                        )
+            self._frozen_velocities(samples, batch["conditioning"])
 
         scale = 1.0 / (num_train_times * self.current_gradient_accumulation_steps)
         total = torch.zeros((), device=clean.device)
@@ -627,6 +632,32 @@ class DiffusionNFTTrainer(Trainer):
         self._metrics["timing/train_seconds"].append(train_time)
         self._metrics["train/sample_steps_per_second"].append(num_images * num_train_times / train_time)
         return total
+
+    def _frozen_velocities(self, samples: list[dict], conditioning: dict) -> None:
+        """Each sample's `old_velocity` and, when `kl_coef > 0`, `reference_velocity`, with one switch to each frozen
+        policy per micro-step, not one per time. With LoRA both policies are the frozen weights with the old adapter or
+        with none, so one forward of the doubled batch gives both (PEFT's mixed-adapter batch; not for DoRA)."""
+        fused = self.args.kl_coef > 0 and self.use_lora and not self.lora_config.use_dora
+        if fused:
+            size, doubled = len(samples[0]["noisy"]), repeat_batch(conditioning, 2)
+            adapter_names = [OLD_ADAPTER] * size + [BASE_MODEL] * size
+            with self._acting_as_old_policy() as denoiser, mixed_adapter_batch(denoiser, adapter_names):
+                for sample in samples:
+                    inputs = repeat_batch({"noisy": sample["noisy"], "sigmas": sample["sigmas"]}, 2)
+                    velocity = self.adapter.predict_velocity(denoiser, inputs["noisy"], inputs["sigmas"], doubled)
+                    sample["old_velocity"], sample["reference_velocity"] = velocity.chunk(2)
+            return
+        with self._acting_as_old_policy() as old_policy:
+            for sample in samples:
+                sample["old_velocity"] = self.adapter.predict_velocity(
+                    old_policy, sample["noisy"], sample["sigmas"], conditioning
+                )
+        if self.args.kl_coef > 0:
+            with self._acting_as_reference() as reference:
+                for sample in samples:
+                    sample["reference_velocity"] = self.adapter.predict_velocity(
+                        reference, sample["noisy"], sample["sigmas"], conditioning
+                    )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None) -> torch.Tensor:
         """The NFT loss of one forward-process sample per image. `inputs` holds the clean `latents`, the `noise`, the

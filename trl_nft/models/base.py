@@ -88,6 +88,9 @@ class DiffusionAdapter:
     #: `model_max_length` (CLIP: 77), or the run's `max_sequence_length` (the long encoder). The prompt's own tokens
     #: are counted (a chat template's are not), so for template-wrapped encoders the count is approximate.
     prompt_token_limits: dict[str, str] = {"tokenizer": "model_max_length"}
+    #: Whether a prompt's conditioning is the same whatever other prompts share its batch (every encoder padded to a
+    #: fixed length), so that it can be kept and reused (`NFTConfig.prompt_embedding_cache_size`).
+    per_prompt_encoding: bool = True
 
     def __init__(self, pipeline: DiffusionPipeline, guidance_scale: float = 1.0, max_sequence_length: int = 128):
         self.pipeline = pipeline

@@ -44,6 +44,7 @@ class QwenImageAdapter(DiffusionAdapter):
     )
 
     prompt_token_limits = {"tokenizer": "max_sequence_length"}
+    per_prompt_encoding = False  # the pipeline pads each batch to its longest prompt
 
     def __init__(self, pipeline: QwenImagePipeline, guidance_scale: float = 1.0, max_sequence_length: int = 128):
         super().__init__(pipeline, guidance_scale, max_sequence_length)

@@ -54,6 +54,7 @@ class ZImageAdapter(DiffusionAdapter):
     default_sampler = "UniPCMultistepScheduler"
 
     prompt_token_limits = {"tokenizer": "max_sequence_length"}
+    per_prompt_encoding = False  # each batch is padded to its longest prompt
 
     def default_resolution(self) -> int:
         # A pipeline may declare another native size, in latent pixels, as the FLUX pipelines do (the tiny model).
