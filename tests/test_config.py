@@ -89,6 +89,7 @@ BAD_VALUES = {
     "overlap_reward_scoring": "yes",
     "per_device_rollout_batch_size": 0,
     "prompt_embedding_cache_size": -1,
+    "offload_text_encoders_and_vae": "yes",
     "video_reward_frames": 0,
     "video_reward_aggregation": "max",
     "reward_failure_policy": "ignore",

@@ -225,6 +225,44 @@ def test_the_prompt_embedding_cache_encodes_a_prompt_once_across_rollouts_and_ch
         torch.testing.assert_close(b, c, atol=1e-6, rtol=0)
 
 
+def test_offloaded_text_encoders_and_vae_are_on_the_device_exactly_while_sampling(make_config, prompts_dataset):
+    """With `offload_text_encoders_and_vae`, every text-encoder and VAE call (rollouts, evaluation) happens while they
+    are on the accelerator, and every training forward while they are in CPU memory. A CPU has one device, so the test
+    follows where each module is asked to be: moves to the accelerator are recorded and skipped."""
+    config = make_config(offload_text_encoders_and_vae=True, eval_strategy="steps", eval_steps=1)
+    trainer = DiffusionNFTTrainer(
+        "tiny-sd3", "jpeg_compressibility", args=config, train_dataset=prompts_dataset, eval_dataset=prompts_dataset
+    )
+    offloaded = [*trainer.adapter.text_encoders, trainer.pipeline.vae]
+    assert trainer._idle_offload.modules == offloaded
+    where = {id(module): "cpu" for module in offloaded}  # moved out when the trainer was built
+    trainer._idle_offload.device = "accelerator"
+    for module in offloaded:
+
+        def recorded_to(device, module=module, to=module.to):
+            where[id(module)] = str(device)
+            return module if device == "accelerator" else to(device)
+
+        module.to = recorded_to
+    seen = {"encoding or decoding": [], "training": []}
+    for encoder in trainer.adapter.text_encoders:
+        encoder.register_forward_hook(lambda *args: seen["encoding or decoding"].append(set(where.values())))
+    trainer.pipeline.vae.decoder.register_forward_hook(
+        lambda *args: seen["encoding or decoding"].append(set(where.values()))
+    )
+
+    def training_forward(*args):
+        if torch.is_grad_enabled():
+            seen["training"].append(set(where.values()))
+
+    trainer.adapter.denoiser.register_forward_hook(training_forward)
+    trainer.train()
+    # Two rollouts and two evaluations (3 encoders + the VAE each), two steps of 3 training times.
+    assert len(seen["encoding or decoding"]) >= 4 * 4 and len(seen["training"]) == 2 * 3
+    assert all(state == {"accelerator"} for state in seen["encoding or decoding"])
+    assert all(state == {"cpu"} for state in seen["training"])
+
+
 def test_the_prompt_embedding_cache_drops_the_least_recently_used_prompt():
     encoded = []
 

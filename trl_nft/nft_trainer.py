@@ -51,6 +51,7 @@ from .objective import (
     optimality_probability,
     soft_update_,
 )
+from .offload import IdleOffload
 from .prompt_cache import prompt_embedding_cache
 from .randomness import (
     EVALUATION_NOISE,
@@ -240,6 +241,11 @@ class DiffusionNFTTrainer(Trainer):
         for module in (self.old_model, self.ref_model):
             if module is not None:
                 module.to(self.accelerator.device)
+        self._idle_offload = IdleOffload(
+            [*self.adapter.text_encoders, self.pipeline.vae],
+            self.accelerator.device,
+            args.offload_text_encoders_and_vae,
+        )
         self._rollout_seconds = self._reward_seconds = 0.0  # of the current rollout, for the timing metrics
         self._scoring_thread = ThreadPoolExecutor(max_workers=1) if args.overlap_reward_scoring else None
         self._reward_failure_policy = RewardFailurePolicy(
@@ -528,6 +534,7 @@ class DiffusionNFTTrainer(Trainer):
         self._rollout_seconds = self._reward_seconds = 0.0
         with (
             self._acting_as_old_policy(),
+            self._idle_offload.in_use(),
             explain_out_of_memory("the rollout", _ROLLOUT_MEMORY_ADVICE.format(batch=chunk)),
         ):
             conditioning, latents, time_grid, images, rewards_per_func, dropped = self._sample_and_score(
@@ -745,6 +752,7 @@ class DiffusionNFTTrainer(Trainer):
         with (
             split as local_indices,
             _eval_mode(self.adapter.denoiser),
+            self._idle_offload.in_use(),
             self._evaluation_weights(),
             self._evaluation_sampler(),
         ):
