@@ -2,6 +2,7 @@
 the old and reference policies in one forward, and `torch_compile` of the repeated blocks."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -44,6 +45,33 @@ def test_bf16_rollouts_under_accelerate_stay_bf16_and_equal_the_plain_pipelines(
     conditioning = {key: value[:2] for key, value in rollout["conditioning"].items()}
     velocity = trainer.adapter.predict_velocity(denoiser, prepared[:2], torch.full((2,), 0.5), conditioning)
     assert velocity.dtype == torch.float32
+
+
+def test_full_fine_tuning_runs_in_bf16_mixed_precision(make_config, prompts_dataset):
+    """Full fine-tuning keeps float32 weights for the trained, old (EMA) and reference copies; under bf16 mixed
+    precision their rollouts, frozen forwards and evaluations run under autocast, in bf16, like the training forward."""
+    config = make_config(
+        bf16=True,
+        use_cpu=True,
+        use_peft=False,
+        kl_coef=1e-3,
+        learning_rate=1e-5,
+        max_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+    )
+    trainer = DiffusionNFTTrainer(
+        "tiny-sd3", "jpeg_compressibility", args=config, train_dataset=prompts_dataset, eval_dataset=prompts_dataset
+    )
+    outputs = []
+    for module in (trainer.old_model, trainer.ref_model, trainer.model):
+        module.register_forward_hook(lambda module, args, output: outputs.append(output[0].dtype))
+    old_before = [p.detach().clone() for p in trainer.old_model.parameters()]
+    trainer.train()
+    assert {p.dtype for p in trainer.old_model.parameters()} == {torch.float32}
+    assert set(outputs[: config.num_inference_steps]) == {torch.bfloat16}  # the rollout, old policy under autocast
+    assert any(not torch.equal(a, b) for a, b in zip(old_before, trainer.old_model.parameters(), strict=True))
+    assert math.isfinite(trainer.state.log_history[-2]["eval_reward"])
 
 
 @pytest.mark.parametrize("model", ["tiny-sd3", "tiny-sd", "tiny-flux", "tiny-qwen-image", "tiny-sana", "tiny-wan"])
@@ -102,7 +130,7 @@ def _sd35_shaped_tiny_pipeline():
 
 @pytest.mark.parametrize("use_peft", [True, False], ids=["lora-sd35-shaped", "full"])
 def test_torch_compile_compiles_each_policys_blocks_once_and_trains_as_eager(
-    make_config, prompts_dataset, use_peft, monkeypatch
+    make_config, prompts_dataset, use_peft, monkeypatch, request
 ):
     """`torch_compile` compiles the denoiser's blocks in place: the rollouts, the old and reference forwards, the
     training forward and evaluation run them; each block structure and policy state (trained, old, no adapter, the
@@ -123,6 +151,7 @@ def test_torch_compile_compiles_each_policys_blocks_once_and_trains_as_eager(
         )
 
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # restored afterwards: TrainingArguments sets it
+    request.addfinalizer(torch._dynamo.reset)  # the compiled graphs and their guards would slow every later test
     torch._dynamo.reset()
     counters.clear()
     warnings = []

@@ -424,6 +424,11 @@ class DiffusionNFTTrainer(Trainer):
         else:
             yield self.ref_model
 
+    def _float32_weights_autocast(self):
+        """Autocast for sampling with float32 weights (full fine-tuning's policies, which accelerate does not wrap or
+        are sampled past the wrapper); LoRA samples with the frozen weights in the mixed-precision dtype as they are."""
+        return contextlib.nullcontext() if self.use_lora else self.accelerator.autocast()
+
     def _sample_generators(self, stream: int, indices: list[int] | torch.Tensor) -> list[torch.Generator]:
         # Keyed by the samples' indices in the whole rollout, not by the process: see trl_nft/randomness.py.
         return sample_generators(self.args.seed, self.state.global_step, stream, indices)
@@ -460,6 +465,7 @@ class DiffusionNFTTrainer(Trainer):
             tqdm(total=len(rows), desc="Sampling", unit="img", leave=False, disable=not show) as sampling_bar,
             tqdm(total=len(rows), desc="Scoring", unit="img", leave=False, disable=not show) as scoring_bar,
             weights_dtype_forward(self.adapter.denoiser),  # latents stay in the mixed-precision dtype
+            self._float32_weights_autocast(),
         ):
 
             def score(chunk_images: list, chunk_rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -615,7 +621,7 @@ class DiffusionNFTTrainer(Trainer):
             noisy, _ = forward_process(clean, noise, sigmas)
             samples.append({**batch, "sigmas": sigmas, "noise": noise, "noisy": noisy, "reference_velocity": None})
 
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():  # the frozen copies of full fine-tuning are not wrapped
             self._frozen_velocities(samples, batch["conditioning"])
 
         scale = 1.0 / (num_train_times * self.current_gradient_accumulation_steps)
