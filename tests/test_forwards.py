@@ -128,7 +128,10 @@ def _sd35_shaped_tiny_pipeline():
     return pipeline
 
 
-@pytest.mark.parametrize("use_peft", [True, False], ids=["lora-sd35-shaped", "full"])
+@pytest.mark.parametrize(
+    "use_peft",
+    [pytest.param(True, id="lora-sd35-shaped", marks=pytest.mark.slow), pytest.param(False, id="full")],
+)
 def test_torch_compile_compiles_each_policys_blocks_once_and_trains_as_eager(
     make_config, prompts_dataset, use_peft, monkeypatch, request
 ):
