@@ -425,8 +425,8 @@ class DiffusionNFTTrainer(Trainer):
             yield self.ref_model
 
     def _float32_weights_autocast(self):
-        """Autocast for sampling with float32 weights (full fine-tuning's policies, which accelerate does not wrap or
-        are sampled past the wrapper); LoRA samples with the frozen weights in the mixed-precision dtype as they are."""
+        """Autocast for sampling when the weights are float32: full fine-tuning's old copy (which accelerate does not
+        wrap) and its trained model (sampled past the wrapper). LoRA samples with its frozen bf16 weights as they are."""
         return contextlib.nullcontext() if self.use_lora else self.accelerator.autocast()
 
     def _sample_generators(self, stream: int, indices: list[int] | torch.Tensor) -> list[torch.Generator]:
