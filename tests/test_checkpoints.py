@@ -44,9 +44,9 @@ RUN = [
 # `step` once the old policy is in the temporary folder, `trainer_state` in that save once transformers has written
 # everything (the last file before the rename).
 STOPPED_RUN = """
-import pathlib, runpy, sys, time
+import pathlib, re, runpy, sys, time
 from transformers.trainer_callback import TrainerState
-from trl_nft import DiffusionNFTTrainer
+from trl_nft import DiffusionNFTTrainer, nft_trainer
 
 point, step, marker = sys.argv[1], int(sys.argv[2]), pathlib.Path(sys.argv[3])
 
@@ -58,7 +58,7 @@ def stop_at(global_step):
 
 
 compute_loss, save_policy, save_to_json = (
-    DiffusionNFTTrainer.compute_loss, DiffusionNFTTrainer._save_policy, TrainerState.save_to_json
+    DiffusionNFTTrainer.compute_loss, nft_trainer.save_policy, TrainerState.save_to_json
 )
 if point == "training":
     def stopped(self, *args, **kwargs):
@@ -66,10 +66,12 @@ if point == "training":
         return compute_loss(self, *args, **kwargs)
     DiffusionNFTTrainer.compute_loss = stopped
 elif point == "old_policy":
-    def stopped(self, *args):
-        save_policy(self, *args)
-        stop_at(self.state.global_step)
-    DiffusionNFTTrainer._save_policy = stopped
+    def stopped(module, adapter_name, output_dir, *args):
+        save_policy(module, adapter_name, output_dir, *args)
+        saved_in = re.search(r"checkpoint-(\\d+)", output_dir)  # the policies a checkpoint's save writes
+        if saved_in:
+            stop_at(int(saved_in.group(1)))
+    nft_trainer.save_policy = stopped
 elif point == "trainer_state":
     def stopped(self, path):
         save_to_json(self, path)

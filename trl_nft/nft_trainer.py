@@ -13,13 +13,12 @@ from collections import Counter, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
-import safetensors.torch
 import torch
 from accelerate.utils import DistributedType, TorchDynamoPlugin
 from datasets import Dataset
 from diffusers import DiffusionPipeline
 from diffusers.configuration_utils import FrozenDict
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import LoraConfig
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, set_seed
@@ -52,6 +51,7 @@ from .objective import (
     soft_update_,
 )
 from .offload import IdleOffload
+from .policy_files import load_policy, save_policy
 from .prompt_cache import prompt_embedding_cache
 from .randomness import (
     EVALUATION_NOISE,
@@ -67,7 +67,6 @@ from .rewards.scoring import RewardFailurePolicy, score_samples
 
 logger = logging.get_logger(__name__)
 
-LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 OLD_POLICY_DIR = "old_policy"
 TRAINED_POLICY_DIR = "policy"  # in checkpoints with an EMA: the raw trained weights (the top level holds the EMA)
 TRAINED_ADAPTER, OLD_ADAPTER = "default", "old"
@@ -803,7 +802,8 @@ class DiffusionNFTTrainer(Trainer):
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
             with self._evaluation_weights():
-                self._save_policy(self.accelerator.unwrap_model(self.model), TRAINED_ADAPTER, output_dir)
+                denoiser = self.accelerator.unwrap_model(self.model)
+                save_policy(denoiser, TRAINED_ADAPTER, output_dir, self.adapter, self.lora_config)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
             self._write_model_card(output_dir)
 
@@ -842,14 +842,6 @@ class DiffusionNFTTrainer(Trainer):
             tags=tags,
         )
 
-    def _save_policy(self, module: torch.nn.Module, adapter_name: str, output_dir: str) -> None:
-        os.makedirs(output_dir, exist_ok=True)
-        if self.use_lora:
-            state_dict = get_peft_model_state_dict(module, adapter_name=adapter_name)
-            self.adapter.save_lora_weights(output_dir, state_dict, self.lora_config.to_dict())
-        else:
-            module.save_pretrained(os.path.join(output_dir, self.adapter.denoiser_name))
-
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
         """`Trainer.train`, resuming from whole checkpoints only (`trl_nft.checkpointing`): `resume_from_checkpoint`
         is a checkpoint folder, or `True` (or `"true"`, `"last"`, as the command line passes it) for the newest whole
@@ -883,9 +875,11 @@ class DiffusionNFTTrainer(Trainer):
             if save:  # the old policy (and, with an EMA, the raw trained weights); the top level is `save_model`'s
                 denoiser = self.accelerator.unwrap_model(self.model)
                 old_policy = denoiser if self.use_lora else self.old_model
-                self._save_policy(old_policy, OLD_ADAPTER, os.path.join(staging_dir, OLD_POLICY_DIR))
+                old_dir = os.path.join(staging_dir, OLD_POLICY_DIR)
+                save_policy(old_policy, OLD_ADAPTER, old_dir, self.adapter, self.lora_config)
                 if self._ema_params is not None:
-                    self._save_policy(denoiser, TRAINED_ADAPTER, os.path.join(staging_dir, TRAINED_POLICY_DIR))
+                    trained_dir = os.path.join(staging_dir, TRAINED_POLICY_DIR)
+                    save_policy(denoiser, TRAINED_ADAPTER, trained_dir, self.adapter, self.lora_config)
             self._get_output_dir = lambda trial: os.path.dirname(staging_dir)
             self._push_from_checkpoint = lambda checkpoint_folder: None
             try:
@@ -903,35 +897,17 @@ class DiffusionNFTTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Restore the trained and the old policy, and the EMA, from a checkpoint written by `_save_checkpoint`."""
-        denoiser = self.accelerator.unwrap_model(self.model)
+        denoiser, policy_format = self.accelerator.unwrap_model(self.model), (self.adapter, self.use_lora)
         trained_dir = os.path.join(resume_from_checkpoint, TRAINED_POLICY_DIR)
         if self._ema_params is not None:  # the top level holds the EMA: load it through the trained weights first
-            self._load_policy(denoiser, TRAINED_ADAPTER, resume_from_checkpoint, resume_from_checkpoint)
+            load_policy(denoiser, TRAINED_ADAPTER, resume_from_checkpoint, resume_from_checkpoint, *policy_format)
             _copy_(self._ema_params, self._trained_params)
         if not os.path.isdir(trained_dir):  # written without an EMA: the top level holds the trained weights
             trained_dir = resume_from_checkpoint
-        self._load_policy(denoiser, TRAINED_ADAPTER, trained_dir, resume_from_checkpoint)
+        load_policy(denoiser, TRAINED_ADAPTER, trained_dir, resume_from_checkpoint, *policy_format)
         old_policy = denoiser if self.use_lora else self.old_model
         old_dir = os.path.join(resume_from_checkpoint, OLD_POLICY_DIR)
-        self._load_policy(old_policy, OLD_ADAPTER, old_dir, resume_from_checkpoint)
-
-    def _load_policy(self, module: torch.nn.Module, adapter_name: str, directory: str, checkpoint: str) -> None:
-        """Load the policy saved by `_save_policy` in `directory` (part of `checkpoint`) into `module`."""
-        if self.use_lora:
-            path = os.path.join(directory, LORA_WEIGHTS_NAME)
-            if not os.path.isfile(path):
-                raise ValueError(f"Can't resume from {checkpoint}: {path} is missing.")
-            prefix = f"{self.adapter.denoiser_name}."
-            state_dict = {k.removeprefix(prefix): v for k, v in safetensors.torch.load_file(path).items()}
-            result = set_peft_model_state_dict(module, state_dict, adapter_name=adapter_name)
-            if result.unexpected_keys:
-                raise ValueError(f"{path} does not match this model's LoRA: unexpected {result.unexpected_keys[:3]}.")
-        else:
-            folder = os.path.join(directory, self.adapter.denoiser_name)
-            if not os.path.isdir(folder):
-                raise ValueError(f"Can't resume from {checkpoint}: {folder} is missing.")
-            loaded = type(module).from_pretrained(folder, torch_dtype=torch.float32)
-            module.load_state_dict(loaded.state_dict())
+        load_policy(old_policy, OLD_ADAPTER, old_dir, resume_from_checkpoint, *policy_format)
 
 
 class _LoggableConfig(FrozenDict):
