@@ -4,7 +4,15 @@ import json
 import os
 
 import torch
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+from transformers import (
+    BitImageProcessor,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPProcessor,
+    Dinov2Config,
+    Dinov2Model,
+)
 
 from trl_nft.embedded.tiny import _clip_text_config, _clip_tokenizer
 
@@ -38,6 +46,31 @@ def save_tiny_clip(path, seed: int = 0) -> str:
     )
     model.save_pretrained(path)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return str(path)
+
+
+def save_tiny_dinov2(path, seed: int = 0) -> str:
+    """Save a tiny random transformers `Dinov2Model` (hidden size 32, 32 px images, 8 px patches) with an image
+    processor of DINOv2's kind (`BitImageProcessor`: shortest edge resized, center crop, ImageNet normalisation)
+    sized for it to `path`; returns `path` as a string."""
+    config = Dinov2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        mlp_ratio=2,
+        image_size=TINY_CLIP_IMAGE_SIZE,
+        patch_size=8,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Dinov2Model(config).eval()
+    model.save_pretrained(path)
+    BitImageProcessor(
+        size={"shortest_edge": TINY_CLIP_IMAGE_SIZE},
+        crop_size={"height": TINY_CLIP_IMAGE_SIZE, "width": TINY_CLIP_IMAGE_SIZE},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    ).save_pretrained(path)
     return str(path)
 
 

@@ -123,8 +123,13 @@ def test_presets_parse_with_the_released_settings():
             assert resolve_model_name(script_args.model_name_or_path) == "black-forest-labs/FLUX.1-dev"
             assert (config.resolution, config.num_inference_steps, config.guidance_scale) == (384, 8, 1.0)
             assert config.num_generations == 16 and config.images_per_rollout * 8 == 48 * 16
-        if path.name.startswith("qwen_image"):
+        if path.name.startswith("qwen_image_pickscore"):
             assert resolve_model_name(script_args.model_name_or_path) == "Qwen/Qwen-Image"
+        if path.name.endswith("_edit_judge.yaml"):  # Edit-R1's DiffusionNFT settings
+            assert script_args.reward == ["edit_judge"]
+            assert (config.resolution, config.num_inference_steps, config.num_generations) == (512, 6, 12)
+            assert (config.learning_rate, config.kl_coef, config.use_peft) == (3e-4, 1e-4, True)
+            assert (config.group_filter_min_reward_std, config.group_filter_max_reward_mean) == (0.05, 0.9)
         if path.name == "digits_sd3.yaml":  # ten prompts x 8 images per rollout, 8 optimizer steps on it
             assert (config.images_per_rollout, config.optimizer_steps_per_rollout) == (80, 8)
 

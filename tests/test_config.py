@@ -86,6 +86,8 @@ BAD_VALUES = {
     "reward_weights": [1.0, float("nan")],
     "scale_rewards": "global",
     "advantage_clip": 0.0,
+    "group_filter_min_reward_std": -0.05,
+    "group_filter_max_reward_mean": float("nan"),
     "overlap_reward_scoring": "yes",
     "per_device_rollout_batch_size": 0,
     "prompt_embedding_cache_size": -1,

@@ -7,6 +7,7 @@ import torch
 from trl_nft.objective import (
     forward_process,
     group_advantages,
+    kept_groups,
     nft_loss,
     old_policy_decay,
     optimality_probability,
@@ -264,3 +265,19 @@ def test_a_sample_of_weight_zero_trains_nothing():
     assert torch.equal(
         nft_loss(policy, old, noisy, clean, noise, sigmas, optimality, sample_weights=torch.ones(4)).loss, unweighted
     )
+
+
+def test_the_group_filter_drops_exactly_the_flat_and_the_solved_groups():
+    rewards = torch.tensor(
+        [
+            [0.0, 1.0, 0.0, 1.0],  # std 0.5, mean 0.5: kept
+            [0.50, 0.52, 0.48, 0.50],  # std 0.014 < 0.05: flat
+            [0.8, 1.0, 1.0, 0.95],  # std 0.082, mean 0.9375 > 0.9: solved
+            [0.0, 0.2, float("nan"), 0.1],  # std 0.082 over the known three, mean 0.1: kept
+            [float("nan")] * 4,  # nothing known: kept (its samples train nothing anyway)
+        ]
+    ).view(-1)
+    assert kept_groups(rewards, 4, min_std=0.05, max_mean=0.9).tolist() == [True, False, False, True, True]
+    assert kept_groups(rewards, 4, min_std=0.05).tolist() == [True, False, True, True, True]
+    assert kept_groups(rewards, 4, max_mean=0.9).tolist() == [True, True, False, True, True]
+    assert kept_groups(rewards, 4).all()

@@ -655,3 +655,198 @@ def test_a_server_that_stays_down_fails_clearly_after_logging_each_retry(caplog)
     assert len(retries) == 3
     for number, message in enumerate(retries, start=1):
         assert f"{url}/score failed (ConnectError" in message and f"retry {number} of 3 in" in message
+
+
+# ------------------------------------------------------------------------------------------- condition images
+
+seen_arguments: list[dict] = []
+
+
+def source_difference(images, prompts, condition_images, **kwargs):
+    """The absolute difference in [0, 1] of the mean pixel values of each image and of its source images (the mean
+    over them; -1 for a sample without one); records what it was given."""
+    seen_arguments.append({"condition_images": condition_images, **kwargs})
+    rewards = []
+    for image, sources in zip(images, condition_images, strict=True):
+        if sources is None:
+            rewards.append(-1.0)
+            continue
+        sources = sources if isinstance(sources, list) else [sources]
+        level = np.asarray(image, dtype=np.float64).mean()
+        rewards.append(float(np.mean([abs(level - np.asarray(source).mean()) / 255 for source in sources])))
+    return rewards
+
+
+def recording_reward(images, prompts, **kwargs):
+    seen_arguments.append(kwargs)
+    return [0.0] * len(images)
+
+
+CONDITION_LIMITS = RequestLimits(max_images=8, max_image_base64_mb=1, max_image_pixels=64 * 64)
+
+
+@pytest.fixture(scope="module")
+def condition_url():
+    app = create_app(
+        {"source_difference": source_difference, "recording": recording_reward},
+        token=TOKEN,
+        max_batch_size=MAX_BATCH_SIZE,
+        limits=CONDITION_LIMITS,
+    )
+    with running(app) as base_url:
+        yield base_url
+
+
+def post_condition_request(url, payload: dict) -> httpx.Response:
+    return httpx.post(f"{url}/score", json=payload, headers={"Authorization": f"Bearer {TOKEN}"})
+
+
+def test_condition_images_reach_the_server_side_reward_as_the_trainer_gives_them(condition_url):
+    images = noise_images(3, seed=1, size=16)
+    sources = [noise_images(1, seed=2, size=16)[0], noise_images(2, seed=3, size=24), noise_images(1, seed=4)[0]]
+    prompts = ["a", "b", "c"]
+    seen_arguments.clear()
+    reward = remote(condition_url, reward="source_difference", batch_size=3)
+    # Lossless PNG both ways: the served reward's values are the in-process ones, to the last bit.
+    assert reward(images, prompts, condition_images=sources) == source_difference(images, prompts, sources)
+    # The server's batches of MAX_BATCH_SIZE: one image, then a list of two (a multi-image row), then the next batch.
+    first, second = seen_arguments[:2]
+    assert [type(entry) for entry in first["condition_images"]] == [Image.Image, list]
+    assert [image.mode for image in first["condition_images"][1]] == ["RGB", "RGB"]
+    np.testing.assert_array_equal(np.asarray(second["condition_images"][0]), np.asarray(sources[2]))
+
+
+def test_a_sample_without_a_condition_image_is_sent_as_null(condition_url):
+    images = noise_images(2, size=8)
+    reward = remote(condition_url, reward="source_difference")
+    assert reward(images, ["a", "b"], condition_images=[None, images[1]]) == [-1.0, 0.0]
+
+
+def test_condition_images_count_toward_max_images(condition_url):
+    reward = remote(condition_url, reward="source_difference", backoff=30.0)
+    images = noise_images(2, size=8)
+    start = time.perf_counter()
+    with pytest.raises(
+        RemoteRewardError,
+        match=re.escape(
+            "HTTP 413: request too large: 9 images (2 + 7 condition images), over the server's max_images (8)"
+        ),
+    ):
+        reward(images, ["a", "b"], condition_images=[images[0], noise_images(6, size=8)])
+    assert time.perf_counter() - start < 10  # not retried
+    assert reward(images, ["a", "b"], condition_images=[images[0], images[1]]) == [0.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    "condition_images, status, message",
+    [
+        (
+            lambda small, large: [small, large],
+            413,
+            "condition_images[1] is 65x64 (4,160 pixels), over the server's max_image_pixels (4,096)",
+        ),
+        (
+            lambda small, large: [small, [small, large]],
+            413,
+            "condition_images[1][1] is 65x64 (4,160 pixels), over the server's max_image_pixels (4,096)",
+        ),
+        (
+            lambda small, large: [small, "A" * (1024 * 1024 + 4)],
+            413,
+            "condition_images[1] is 1,048,580 characters of base64, over the server's max_image_base64_mb (1 MiB)",
+        ),
+        (lambda small, large: [small, ["@@@"]], 400, "condition_images[1][0] is not valid base64"),
+        (
+            lambda small, large: [small, png_base64(Image.new("RGB", (4, 4)), "JPEG")],
+            400,
+            "condition_images[1] is not a readable PNG or WebP image",
+        ),
+        (lambda small, large: [small, []], 400, "condition_images[1] is an empty list"),
+        (lambda small, large: [small], 400, "2 images but 1 condition_images"),
+        (lambda small, large: [small, 3], 400, "malformed request: condition_images.1"),
+        (lambda small, large: [small, [small, None]], 400, "malformed request: condition_images.1"),
+        (lambda small, large: small, 400, "malformed request: condition_images"),
+    ],
+    ids=[
+        "pixels",
+        "pixels-in-a-list",
+        "base64-size",
+        "bad-base64",
+        "jpeg",
+        "empty-list",
+        "length",
+        "not-an-image",
+        "null-in-a-list",
+        "not-a-list",
+    ],
+)
+def test_bad_condition_images_are_4xx_and_the_server_keeps_serving(condition_url, condition_images, status, message):
+    small, large = png_base64(Image.new("RGB", (64, 64))), png_base64(Image.new("RGB", (65, 64)))
+    payload = {
+        "reward": "source_difference",
+        "images": [small, small],
+        "prompts": ["a", "b"],
+        "condition_images": condition_images(small, large),
+    }
+    response = post_condition_request(condition_url, payload)
+    assert response.status_code == status
+    assert message in response.json()["detail"]
+    assert post_condition_request(condition_url, {**payload, "condition_images": [small, small]}).json() == {
+        "rewards": [0.0, 0.0]
+    }
+
+
+@pytest.mark.parametrize("column", ["condition_images", "images", "prompts"])
+def test_a_column_named_as_a_rewards_own_argument_is_400(condition_url, column):
+    image = png_base64(Image.new("RGB", (4, 4)))
+    payload = {"reward": "recording", "images": [image], "prompts": ["a"], "columns": {column: [image]}}
+    response = post_condition_request(condition_url, payload)
+    assert response.status_code == 400
+    assert f"column {column!r} clashes with the reward's own argument" in response.json()["detail"]
+
+
+def test_a_reward_that_needs_condition_images_refuses_a_request_without_them(condition_url):
+    payload = {"reward": "source_difference", "images": [png_base64(Image.new("RGB", (4, 4)))], "prompts": ["a"]}
+    response = post_condition_request(condition_url, payload)
+    assert response.status_code == 400
+    assert "missing a required argument: 'condition_images'" in response.json()["detail"]
+
+
+def test_the_image_column_is_sent_when_it_holds_paths_and_left_out_when_it_holds_images(condition_url):
+    """The dataset's `image` column reaches rewards as an ordinary column: paths are JSON and travel as a column, PIL
+    images travel as `condition_images` only. Any other column that is not JSON is still an error."""
+    images = noise_images(2, size=8)
+    reward = remote(condition_url, reward="recording")
+    seen_arguments.clear()
+    reward(images, ["a", "b"], image=["edits/0.png", ["edits/1.png", "edits/2.png"]], condition_images=images)
+    reward(images, ["a", "b"], image=[images[0], [images[1]]], step=[1, 2], condition_images=images)
+    with_paths, with_images = seen_arguments
+    assert with_paths["image"] == ["edits/0.png", ["edits/1.png", "edits/2.png"]]
+    assert "image" not in with_images and with_images["step"] == [1, 2]
+    assert [np.asarray(image).tolist() for image in with_images["condition_images"]] == [
+        np.asarray(image).tolist() for image in images
+    ]
+    with pytest.raises(TypeError, match="must be JSON-serialisable"):
+        reward(images, ["a", "b"], mask=images, condition_images=images)
+
+
+def test_condition_images_can_be_left_unsent(condition_url):
+    images = noise_images(1, size=8)
+    seen_arguments.clear()
+    remote(condition_url, reward="recording", send_condition_images=False)(images, ["a"], condition_images=images)
+    assert seen_arguments == [{}]
+    with pytest.raises(TypeError, match="condition_images must be PIL images"):
+        remote(condition_url, reward="recording")(images, ["a"], condition_images=["edits/0.png"])
+
+
+def test_the_served_image_similarity_equals_the_in_process_one(tmp_path):
+    from reward_models import save_tiny_dinov2
+
+    checkpoint = save_tiny_dinov2(tmp_path / "dinov2")
+    images = noise_images(3, seed=5)
+    sources = [noise_images(1, seed=6)[0], noise_images(2, seed=7), images[2].copy()]  # the last one unchanged
+    in_process = get_reward("image_similarity", checkpoint=checkpoint)
+    with running(create_app({"image_similarity": get_reward("image_similarity", checkpoint=checkpoint)})) as base_url:
+        served = get_reward("remote", url=base_url)(images, ["a", "b", "c"], condition_images=sources)
+    assert served == in_process(images, ["a", "b", "c"], condition_images=sources)
+    assert served[2] == pytest.approx(1.0, abs=1e-6)

@@ -1,9 +1,9 @@
 """The reward server fuzzed over loopback, as a careless or hostile client would use it.
 
 The server runs as `trl-nft reward-server` in a subprocess (so that its memory is its own to measure), with small
-limits, and is sent malformed JSON, fields of the wrong type, missing or extra fields, oversized bodies, pixel bombs,
-too many images, images over the base64 limit, wrong tokens, images in other formats, truncated and corrupted images,
-and broken HTTP framing. Each class of bad input gets its own 4xx and never a 5xx, a good request after each one
+limits, and is sent malformed JSON, fields of the wrong type, missing or extra fields, oversized bodies, pixel bombs
+(as images and as condition images), too many images (condition images counted), images over the base64 limit, wrong
+tokens, images in other formats, truncated and corrupted images, and broken HTTP framing. Each class of bad input gets its own 4xx and never a 5xx, a good request after each one
 still succeeds, and the server's peak memory grows by less than what reading or decoding any of them would take.
 """
 
@@ -144,8 +144,21 @@ not_columns = st.one_of(
     st.lists(st.integers(), max_size=3),
     st.dictionaries(st.text(max_size=5), st.one_of(st.none(), scalars, st.text(max_size=5)), min_size=1, max_size=3),
 )
+# Condition images: a list of one image (base64 text), a list of them, or null per image; anything else is refused.
+not_a_condition_entry = st.one_of(
+    scalars,
+    st.dictionaries(st.text(max_size=3), scalars, min_size=1, max_size=2),
+    st.lists(st.one_of(st.none(), scalars, st.lists(st.text(max_size=3), max_size=2)), min_size=1, max_size=3),
+)
+not_condition_images = st.one_of(
+    scalars,
+    st.text(max_size=20),
+    st.dictionaries(st.text(max_size=3), st.text(max_size=3), min_size=1, max_size=2),
+    st.lists(not_a_condition_entry, min_size=1, max_size=3),
+)
 WRONG_TYPES = {"reward": not_a_string, "images": not_a_list_of_strings, "prompts": not_a_list_of_strings}
 WRONG_TYPES["columns"] = not_columns
+WRONG_TYPES["condition_images"] = not_condition_images
 
 
 @st.composite
@@ -162,7 +175,9 @@ def missing_or_extra_fields(draw) -> Case:
         payload = {key: value for key, value in GOOD_REQUEST.items() if key not in missing}
         return json_case("missing field", payload, {400}, "Field required")
     extra = draw(
-        st.text(min_size=1, max_size=10).filter(lambda key: key not in ("reward", "images", "prompts", "columns"))
+        st.text(min_size=1, max_size=10).filter(
+            lambda key: key not in ("reward", "images", "prompts", "columns", "condition_images")
+        )
     )
     payload = {**GOOD_REQUEST, extra: draw(st.one_of(st.none(), scalars, st.text(max_size=5)))}
     return json_case("extra field", payload, {400}, "Extra inputs are not permitted")
@@ -192,6 +207,35 @@ def pixel_bombs_among_images(draw) -> Case:
     images = [GOOD_REQUEST["images"][0]] * draw(st.integers(0, MAX_IMAGES - 1))
     images.insert(draw(st.integers(0, len(images))), draw(st.sampled_from(pixel_bombs())))
     return json_case("pixel bomb", request(images), {413}, "over the server's max_image_pixels")
+
+
+@st.composite
+def pixel_bombs_among_condition_images(draw) -> Case:
+    """A bomb as a sample's condition image, alone or in a multi-image row (with at most 3 images each, a request
+    stays within max_images)."""
+    count = draw(st.integers(1, MAX_IMAGES // 3))
+    good = GOOD_REQUEST["images"][0]
+    condition_images = [draw(st.sampled_from([good, [good], None])) for _ in range(count)]
+    row = draw(st.integers(0, count - 1))
+    bomb = draw(st.sampled_from(pixel_bombs()))
+    condition_images[row] = draw(st.sampled_from([bomb, [good, bomb]]))
+    payload = {**request([good] * count), "condition_images": condition_images}
+    return json_case("condition pixel bomb", payload, {413}, "over the server's max_image_pixels")
+
+
+@st.composite
+def too_many_images_with_their_conditions(draw) -> Case:
+    """Images within the limit, but not once their condition images are counted: refused before any is decoded."""
+    count = draw(st.integers(1, MAX_IMAGES))
+    images = draw(st.lists(st.text(max_size=20), min_size=count, max_size=count))
+    sources = draw(st.lists(st.text(max_size=20), min_size=MAX_IMAGES + 1 - count, max_size=2 * MAX_IMAGES))
+    condition_images = [sources] + [None] * (count - 1)
+    return json_case(
+        "too many condition images",
+        {**request(images), "condition_images": condition_images},
+        {413},
+        f"condition images), over the server's max_images ({MAX_IMAGES})",
+    )
 
 
 @st.composite
@@ -281,7 +325,9 @@ def corrupted_images(draw) -> Case:
         missing_or_extra_fields(),
         oversized_bodies(),
         pixel_bombs_among_images(),
+        pixel_bombs_among_condition_images(),
         too_many_images(),
+        too_many_images_with_their_conditions(),
         images_over_the_base64_limit(),
         wrong_tokens(),
         other_formats(),
@@ -294,7 +340,9 @@ def corrupted_images(draw) -> Case:
         "missing-or-extra-fields",
         "oversized-bodies",
         "pixel-bombs",
+        "condition-pixel-bombs",
         "too-many-images",
+        "too-many-condition-images",
         "images-over-the-base64-limit",
         "wrong-tokens",
         "other-formats",

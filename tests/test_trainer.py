@@ -114,6 +114,42 @@ def test_negative_loss_switch_reaches_the_loss(make_config, prompts_dataset):
     assert ablated["loss"] < full["loss"]
 
 
+def test_filtered_groups_train_nothing_and_are_counted(make_config, prompts_dataset, caplog):
+    """Two groups of four per step: the first is flat (all 0.5), the second spread. With the filter the flat group's
+    samples get weight 0; when every group is flat the step's policy loss is 0 and a warning says why."""
+
+    def half_flat(images, prompts, **columns):  # the rollout scores its 8 images at once
+        return [0.5] * 4 + [0.0, 1.0, 0.0, 1.0] if len(images) == 8 else [0.5] * len(images)
+
+    def all_flat(images, prompts, **columns):
+        return [0.5] * len(images)
+
+    def train(reward, **filters):
+        config = make_config(max_steps=1, per_device_train_batch_size=8, kl_coef=0.0, **filters)
+        trainer = DiffusionNFTTrainer("tiny-sd3", reward, args=config, train_dataset=prompts_dataset)
+        weights, original = [], trainer._generate_and_score
+
+        def generate_and_score(rows):
+            rollout = original(rows)
+            weights.append(rollout["sample_weights"])
+            return rollout
+
+        trainer._generate_and_score = generate_and_score
+        trainer.train()
+        log = next(entry for entry in trainer.state.log_history if "loss" in entry)
+        return weights[0].tolist(), log
+
+    weights, log = train(half_flat, group_filter_min_reward_std=0.05)
+    assert weights == [0.0] * 4 + [1.0] * 4 and log["frac_groups_filtered"] == 0.5
+    weights, log = train(half_flat)
+    assert weights == [1.0] * 8 and log["frac_groups_filtered"] == 0.0
+    with caplog.at_level("WARNING"):
+        weights, log = train(all_flat, group_filter_min_reward_std=0.05)
+    assert weights == [0.0] * 8 and log["frac_groups_filtered"] == 1.0
+    assert log["loss/positive"] > 0 and log["loss"] == 0.0
+    assert "Every group of this rollout was filtered out" in caplog.text
+
+
 def test_extra_columns_reach_the_reward_functions_aligned_with_prompts(make_config):
     dataset = Dataset.from_dict({"prompt": [f"prompt {i}" for i in range(8)], "target": list(range(8))})
     seen = []

@@ -18,9 +18,9 @@ logger = logging.get_logger(__name__)
 
 
 class SampleLoggingCallback(TrainerCallback):
-    """Every `every_steps` optimizer steps, a grid of the latest rollout's images (one per prompt first; videos as
-    strips of frames, and also played in an animated GIF next to it) with their prompts and rewards:
-    saved as `output_dir/samples/step_<N>.png` (and `.gif`) and sent to TensorBoard, Weights & Biases (with the GIF
+    """Every `every_steps` optimizer steps, a grid of the latest rollout's images (one per prompt first, an edit beside
+    its source image; videos as strips of frames, and also played in an animated GIF next to it) with their prompts and
+    rewards: saved as `output_dir/samples/step_<N>.png` (and `.gif`) and sent to TensorBoard, Weights & Biases (with the GIF
     as a video) and Trackio when those are in `report_to`. Main process only; the images are that process's share of the rollout."""
 
     def __init__(self, trainer, every_steps: int, num_images: int = 8):
@@ -33,6 +33,9 @@ class SampleLoggingCallback(TrainerCallback):
             return
         chosen = spread_over_prompts(self.num_images, samples[1])
         shown, prompts, rewards = ([column[i] for i in chosen] for column in samples)
+        conditions = self.trainer.last_rollout_conditions
+        if conditions is not None and not isinstance(shown[0], list):  # an edit: its source on its left
+            shown = [source_beside(conditions[i], image) for i, image in zip(chosen, shown, strict=True)]
         grid = sample_grid(shown, prompts, rewards, columns=self.columns)
         folder = os.path.join(args.output_dir, "samples")
         os.makedirs(folder, exist_ok=True)
@@ -141,6 +144,16 @@ def sample_grid(images: list, prompts: list[str], rewards: list[float], columns:
         ]
         draw.multiline_text((x + 1, y), "\n".join(lines), fill="black", spacing=0)
     return grid
+
+
+def source_beside(source: Image.Image | list[Image.Image], image: Image.Image) -> Image.Image:
+    """`image` with its condition image (the first of several) on its left, scaled to its height."""
+    source = source[0] if isinstance(source, list) else source
+    source = source.resize((max(1, round(source.width * image.height / source.height)), image.height))
+    pair = Image.new("RGB", (source.width + image.width, image.height), "white")
+    pair.paste(source, (0, 0))
+    pair.paste(image, (source.width, 0))
+    return pair
 
 
 def spread_over_prompts(count: int, prompts: list[str]) -> list[int]:

@@ -7,11 +7,16 @@ from collections.abc import Callable
 from datasets import Dataset
 from transformers.utils import logging
 
+from .conditions import CONDITION_COLUMN, CONDITION_IMAGES_KEYWORD
 from .models import DiffusionAdapter
-from .rewards import RewardFunc, get_reward, required_columns, reward_name
+from .rewards import RewardFunc, get_reward, needs_condition_images, required_columns, reward_name
 
 
 logger = logging.get_logger(__name__)
+
+#: Keywords the reward interface passes besides the dataset's columns (and the parameter names of a `RewardModel`'s
+#: `score(self, models, ...)`): a column of one of these names would collide with them.
+RESERVED_COLUMNS = ("images", "videos", "prompts", CONDITION_IMAGES_KEYWORD, "self", "models")
 
 
 def check_prompt_dataset(dataset: Dataset | None, name: str, min_rows: int) -> None:
@@ -19,6 +24,13 @@ def check_prompt_dataset(dataset: Dataset | None, name: str, min_rows: int) -> N
         raise ValueError(f"{name} is required: a datasets.Dataset with a 'prompt' column.")
     if not hasattr(dataset, "column_names") or not hasattr(dataset, "__len__"):
         raise ValueError(f"{name} must be a datasets.Dataset with a 'prompt' column, got {type(dataset).__name__}.")
+    reserved = [column for column in dataset.column_names if column in RESERVED_COLUMNS]
+    if reserved:
+        raise ValueError(
+            f"{name} has a column named {reserved[0]!r}, a name the reward functions already receive as a keyword "
+            f"(reserved: {', '.join(RESERVED_COLUMNS)}); rename the column, e.g. dataset.rename_column({reserved[0]!r}, "
+            f"'{reserved[0]}_column')."
+        )
     if "prompt" not in dataset.column_names:
         raise ValueError(f"{name} has no 'prompt' column (columns: {dataset.column_names}); rename the prompt column.")
     if len(dataset) == 0:
@@ -33,6 +45,12 @@ def check_prompt_dataset(dataset: Dataset | None, name: str, min_rows: int) -> N
 def check_reward_columns(dataset: Dataset, dataset_name: str, funcs: list[RewardFunc], names: list[str]) -> None:
     """A `ValueError` naming the reward and the columns when `dataset` lacks a column a reward needs."""
     for func, name in zip(funcs, names, strict=True):
+        if needs_condition_images(func) and CONDITION_COLUMN not in dataset.column_names:
+            raise ValueError(
+                f"The reward {name!r} scores an edit against its source ({CONDITION_IMAGES_KEYWORD}), but {dataset_name} "
+                f"has no '{CONDITION_COLUMN}' column of condition images (its columns: {dataset.column_names}). Use it "
+                "with an image-conditioned model and a dataset of source images (docs/editing.md)."
+            )
         missing = [column for column in required_columns(func) if column not in dataset.column_names]
         if missing:
             raise ValueError(

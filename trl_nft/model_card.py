@@ -12,7 +12,7 @@ from .embedded import EMBEDDED_MODELS
 from .media import save_gif
 
 
-TAGS = ["trl", "trl-nft", "diffusion-nft", "lora", "diffusers", "text-to-image"]
+TAGS = ["trl", "trl-nft", "diffusion-nft", "lora", "diffusers"]
 TRL_CITATION = textwrap.dedent("""\
     @software{vonwerra2020trl,
         title   = {{TRL: Transformers Reinforcement Learning}},
@@ -68,9 +68,11 @@ def usage_code(
     denoiser_name: str = "transformer",
     prompt: str = "a photo of a cat",
     call_kwargs: dict | None = None,
+    condition_images: list[str] | None = None,
 ) -> str:
     """The model card's usage example, runnable as written: load the base model (`base`: a Hub id, a local folder, or
-    an embedded model, which trl-nft builds), add the trained weights from `weights` (a Hub id or a folder), generate."""
+    an embedded model, which trl-nft builds), add the trained weights from `weights` (a Hub id or a folder), generate;
+    for an image-conditioned model, from `condition_images` (files beside the card, relative to `weights`)."""
     device = 'device = "cuda" if torch.cuda.is_available() else "cpu"'
     if base in EMBEDDED_MODELS:  # no diffusers folder to load: trl-nft builds it, in float32
         imports = "import torch\n\nfrom trl_nft import load_pipeline"
@@ -88,6 +90,16 @@ def usage_code(
         )
     # `prompt=` by name: not every pipeline takes it first (FLUX.2-klein's first argument is an image).
     arguments = [f"prompt={json.dumps(prompt, ensure_ascii=False)}"]
+    if condition_images:  # the source image(s) of a sample of the run, saved beside the card
+        imports += "\nfrom diffusers.utils import load_image"
+        if os.path.isdir(weights):
+            locate = [json.dumps(os.path.join(weights, path)) for path in condition_images]
+        else:
+            imports += "\nfrom huggingface_hub import hf_hub_download"
+            locate = [f'hf_hub_download("{weights}", "{path}")' for path in condition_images]
+        opened = [f"load_image({path})" for path in locate]
+        add += f"\nsource = {opened[0] if len(opened) == 1 else '[' + ', '.join(opened) + ']'}"
+        arguments.insert(0, "image=source")
     arguments += [f"{key}={value!r}" for key, value in (call_kwargs or {}).items()]
     # A video pipeline returns `frames` (one list of frames per video), an image pipeline `images`.
     output = (
@@ -110,6 +122,7 @@ def write_model_card(
     settings: dict,
     samples: list[tuple[Image.Image, str]],
     citation: str,
+    sample_conditions: list | None = None,
     is_lora: bool = True,
     denoiser_name: str = "transformer",
     call_kwargs: dict | None = None,
@@ -120,8 +133,17 @@ def write_model_card(
     `model_id` names the model (the Hub id, or the folder's name) and `title` the heading (default: `model_id`);
     `base_model` is the base's Hub id or embedded name (None for a local folder, then `base_model_path`), and
     `weights_location` where the usage example loads the trained weights from (default: `model_id`). `call_kwargs` are
-    the example's pipeline arguments (steps, guidance)."""
+    the example's pipeline arguments (steps, guidance). `sample_conditions` are the samples' condition images (an
+    image, or a list, each) for an image-conditioned model: saved beside them, shown, and used by the example."""
     os.makedirs(os.path.join(output_dir, "images"), exist_ok=True)
+    sources = []  # per sample, the paths of its condition images
+    for i, condition in enumerate(sample_conditions or []):
+        condition = condition if isinstance(condition, list) else [condition]
+        sources.append(
+            [f"images/source_{i}{'' if len(condition) == 1 else f'_{k}'}.png" for k in range(len(condition))]
+        )
+        for image, path in zip(condition, sources[-1], strict=True):
+            image.save(os.path.join(output_dir, path))
     widget = []
     for i, (image, prompt) in enumerate(samples):
         if isinstance(image, list):  # a video's frames: an animated GIF, which the Hub shows playing
@@ -131,11 +153,12 @@ def write_model_card(
             path = f"images/sample_{i}.png"
             image.save(os.path.join(output_dir, path))
         widget.append({"text": prompt, "output": {"url": path}})
+    pipeline_tag = _pipeline_tag(bool(sources), any(isinstance(image, list) for image, _ in samples))
     metadata = {
         **({"base_model": base_model} if base_model else {}),
         "library_name": "diffusers",
-        "pipeline_tag": "text-to-image",
-        "tags": list(dict.fromkeys(TAGS + (tags or []) + ([] if is_lora else ["full-fine-tune"]))),
+        "pipeline_tag": pipeline_tag,
+        "tags": list(dict.fromkeys([*TAGS, pipeline_tag, *(tags or []), *([] if is_lora else ["full-fine-tune"])])),
         **({"widget": widget} if widget else {}),
     }
     base = base_model or base_model_path or "<base model>"
@@ -147,13 +170,17 @@ def write_model_card(
         denoiser_name=denoiser_name,
         prompt=samples[0][1] if samples else "a photo of a cat",
         call_kwargs=call_kwargs,
+        condition_images=sources[0] if sources else None,
     )
     reward_rows = "\n".join(f"| `{key}` | {value:.4g} |" for key, value in rewards.items()) or "| - | - |"
     setting_rows = "\n".join(f"| `{key}` | `{settings[key]}` |" for key in KEY_SETTINGS if key in settings)
     sample_rows = "\n".join(
-        f"| ![{prompt}]({entry['output']['url']}) | {prompt} |"
-        for entry, (_, prompt) in zip(widget, samples, strict=True)
+        f"| {' '.join(f'![source]({path})' for path in paths)} | ![{prompt}]({entry['output']['url']}) | {prompt} |"
+        if sources
+        else f"| ![{prompt}]({entry['output']['url']}) | {prompt} |"
+        for entry, (_, prompt), paths in zip(widget, samples, sources or [None] * len(samples), strict=True)
     )
+    sample_header = "| source | image | prompt |\n|---|---|---|" if sources else "| image | prompt |\n|---|---|"
     body = f"""
 # {title or model_id}
 
@@ -180,10 +207,9 @@ Last logged values (`rewards/...`: training rollouts; `eval_...`: evaluation pro
 
 ## Samples
 
-Images of the last training rollout, with their prompts.
+Images of the last training rollout, with their prompts{" and the images they were conditioned on" if sources else ""}.
 
-| image | prompt |
-|---|---|
+{sample_header}
 {sample_rows}
 
 ## Training settings
@@ -206,3 +232,10 @@ Images of the last training rollout, with their prompts.
     with open(os.path.join(output_dir, "README.md"), "w") as file:
         file.write(card)
     return card
+
+
+def _pipeline_tag(conditioned: bool, videos: bool) -> str:
+    """The Hub's task of the trained model: what it generates, from what."""
+    if videos:
+        return "image-to-video" if conditioned else "text-to-video"
+    return "image-to-image" if conditioned else "text-to-image"

@@ -99,6 +99,14 @@ class NFTConfig(TrainingArguments):
         across all processes (the released code's global std), `"group"` each group's std, `"none"` no scaling.
     advantage_clip (`float`, *optional*, defaults to `5.0`):
         `A_max` in `r = 0.5 + 0.5 clip(A / A_max, -1, 1)`; advantages beyond it saturate `r` at 0 or 1.
+    group_filter_min_reward_std (`float` or `None`, *optional*, defaults to `None`):
+        Groups whose rewards spread less than this (population std of the combined reward) train nothing: their
+        samples get weight 0 in the policy loss (Edit-R1 drops groups with std < 0.05 on its [0, 1] judge score, where
+        a near-flat group's ranking is mostly the judge's noise). `None`: no such filter. In the combined reward's
+        units (after `reward_weights`), on the rewards of all processes.
+    group_filter_max_reward_mean (`float` or `None`, *optional*, defaults to `None`):
+        Groups whose mean reward exceeds this train nothing (Edit-R1: mean > 0.9, prompts already solved). `None`: no
+        such filter. Logged with the other: `frac_groups_filtered`.
     overlap_reward_scoring (`bool`, *optional*, defaults to `False`):
         Score each chunk of `per_device_rollout_batch_size` rollout images in a background thread while the next chunk
         is sampled. Worth it when rewards are slow on the CPU or remote (a reward server, a VLM judge). Results are
@@ -308,6 +316,12 @@ class NFTConfig(TrainingArguments):
         default="batch", metadata={"help": "Advantage scale: 'batch' (global std), 'group' (group std) or 'none'."}
     )
     advantage_clip: float = field(default=5.0, metadata={"help": "A_max in r = 0.5 + 0.5 clip(A / A_max, -1, 1)."})
+    group_filter_min_reward_std: float | None = field(
+        default=None, metadata={"help": "Groups whose reward std is below this train nothing (Edit-R1: 0.05)."}
+    )
+    group_filter_max_reward_mean: float | None = field(
+        default=None, metadata={"help": "Groups whose mean reward is above this train nothing (Edit-R1: 0.9)."}
+    )
     overlap_reward_scoring: bool = field(
         default=False, metadata={"help": "Score a rollout chunk in a background thread while the next is sampled."}
     )
@@ -450,6 +464,16 @@ class NFTConfig(TrainingArguments):
         )
         check(self.scale_rewards in REWARD_SCALES, "scale_rewards", f"choose one of {REWARD_SCALES}")
         check(self.advantage_clip > 0, "advantage_clip", "it must be positive")
+        check(
+            self.group_filter_min_reward_std is None or self.group_filter_min_reward_std >= 0,
+            "group_filter_min_reward_std",
+            "it must be None (off) or >= 0",
+        )
+        check(
+            self.group_filter_max_reward_mean is None or math.isfinite(self.group_filter_max_reward_mean),
+            "group_filter_max_reward_mean",
+            "it must be None (off) or a finite number",
+        )
         check(self.beta > 0, "beta", "it must be positive")
         check(self.kl_coef >= 0, "kl_coef", "it must be 0 (off) or positive")
         check(self.loss_type in LOSS_TYPES, "loss_type", f"choose one of {LOSS_TYPES}")

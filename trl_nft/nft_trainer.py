@@ -34,6 +34,14 @@ from .checkpointing import (
     remove_interrupted_saves,
     resolve_resume_checkpoint,
 )
+from .conditions import (
+    CONDITION_IMAGES_KEYWORD,
+    check_condition_images,
+    check_image_conditioning,
+    fingerprint,
+    reward_columns,
+    row_condition_images,
+)
 from .embedded import EMBEDDED_MODELS
 from .faults import NonFiniteStepGuard, explain_out_of_memory
 from .forwards import BASE_MODEL, compile_repeated_blocks, mixed_adapter_batch, repeat_batch, weights_dtype_forward
@@ -45,6 +53,8 @@ from .objective import (
     ema_decay,
     forward_process,
     group_advantages,
+    group_reward_std,
+    kept_groups,
     nft_loss,
     old_policy_decay,
     optimality_probability,
@@ -159,9 +169,13 @@ class DiffusionNFTTrainer(Trainer):
             model_name = model if isinstance(model, str) else type(model).__name__
             args = NFTConfig(output_dir=f"{model_name.split('/')[-1]}-NFT")
         # Everything cheap is checked before the model is loaded.
+        datasets = {"train_dataset": train_dataset, "eval_dataset": eval_dataset}
         check_prompt_dataset(train_dataset, "train_dataset", args.prompts_per_rollout)
         if eval_dataset is not None:
             check_prompt_dataset(eval_dataset, "eval_dataset", 1)
+        for name, dataset in datasets.items():
+            if dataset is not None:
+                check_condition_images(dataset, name)
         self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs)
         self.eval_reward_funcs, self.eval_reward_func_names = (
             resolve_reward_funcs(eval_reward_funcs) if eval_reward_funcs is not None else ([], [])
@@ -200,6 +214,15 @@ class DiffusionNFTTrainer(Trainer):
             max_sequence_length=args.max_sequence_length,
             num_frames=args.num_frames,
         )
+        for name, dataset in datasets.items():
+            if dataset is not None:
+                check_image_conditioning(
+                    dataset,
+                    name,
+                    self.adapter.image_conditioning,
+                    self.adapter.max_condition_images,
+                    type(self.pipeline).__name__,
+                )
         warn_about_long_prompts(self.adapter, train_dataset)
         self._prompt_cache = prompt_embedding_cache(args.prompt_embedding_cache_size, self.adapter)
         self.resolution = args.resolution or self.adapter.default_resolution()
@@ -276,6 +299,7 @@ class DiffusionNFTTrainer(Trainer):
                 )
             )
         self.last_rollout_samples: tuple[list, list, list] | None = None  # (images, prompts, rewards), this process
+        self.last_rollout_conditions: list | None = None  # their condition images, for an image-conditioned model
 
         self._step = 0  # micro-steps taken, to know when a new rollout is due
         self._buffered_inputs: list[dict] | None = None
@@ -448,16 +472,7 @@ class DiffusionNFTTrainer(Trainer):
 
         Every chunk is scored on its own, so with `overlap_reward_scoring` (a chunk scored in a background thread while
         the next one is sampled) the rewards are exactly those of the sequential order."""
-        prompts = [row["prompt"] for row in rows]
-        position = {prompt: i for i, prompt in enumerate(dict.fromkeys(prompts))}
-        # The pipeline's and the tokenizers' truncation warnings: counted once, at start-up, instead.
-        with _quiet(type(self.pipeline).__module__, "transformers.tokenization_utils_base"):
-            if self._prompt_cache is not None:
-                encoded = self._prompt_cache.encode(list(position), self.adapter.encode_prompts)
-            else:
-                encoded = self.adapter.encode_prompts(list(position))
-        index = torch.tensor([position[p] for p in prompts], device=self.accelerator.device)
-        conditioning = {key: value[index] for key, value in encoded.items()}
+        conditioning = self._encode_conditions(rows)
         latents, images, scored = [], [], []
         show = not self.args.disable_tqdm and self.accelerator.is_local_main_process
         with (
@@ -495,6 +510,31 @@ class DiffusionNFTTrainer(Trainer):
         conditioning = {key: value for key, value in conditioning.items() if not key.startswith("negative_")}
         return conditioning, torch.cat(latents), rollout.sigmas, images, rewards_per_func, dropped
 
+    def _encode_conditions(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        """Each row's conditioning, batch-first: each distinct condition (a prompt, with its condition images for an
+        image-conditioned family) encoded once, or taken from the prompt-embedding cache."""
+        images = row_condition_images(rows)
+        keys = [
+            (row["prompt"], None if images is None else fingerprint(row_images))
+            for row, row_images in zip(rows, images or [None] * len(rows), strict=True)
+        ]
+        position = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+        first_row = {key: i for i, key in reversed(list(enumerate(keys)))}
+
+        def encode(distinct: list[tuple]) -> dict[str, torch.Tensor]:
+            prompts = [prompt for prompt, _ in distinct]
+            condition_images = None if images is None else [images[first_row[key]] for key in distinct]
+            return self.adapter.encode_conditions(prompts, condition_images, self.resolution)
+
+        # The pipeline's and the tokenizers' truncation warnings: counted once, at start-up, instead.
+        with _quiet(type(self.pipeline).__module__, "transformers.tokenization_utils_base"):
+            if self._prompt_cache is not None:
+                encoded = self._prompt_cache.encode(list(position), encode)
+            else:
+                encoded = encode(list(position))
+        index = torch.tensor([position[key] for key in keys], device=self.accelerator.device)
+        return {key: value[index] for key, value in encoded.items()}
+
     def _decode_to_pil(self, latents: torch.Tensor) -> list[Image.Image] | list[list[Image.Image]]:
         """The samples as the rewards see them: PIL images, or for a video family each video's frames."""
         decoded = self.adapter.decode(latents)  # [B, 3, H, W], or [B, F, 3, H, W]
@@ -510,7 +550,7 @@ class DiffusionNFTTrainer(Trainer):
         validated, under the reward failure policy (`trl_nft.rewards.scoring`), and which samples it dropped."""
         start_time = time.perf_counter()
         prompts = [row["prompt"] for row in rows]
-        columns = {key: [row[key] for row in rows] for key in rows[0] if key != "prompt"}
+        columns = reward_columns(rows)
         scores = score_samples(
             funcs,
             names,
@@ -569,12 +609,25 @@ class DiffusionNFTTrainer(Trainer):
         optimality = optimality_probability(advantages, self.args.advantage_clip)
 
         kept = rewards[~dropped]
-        grouped = rewards.view(-1, self.args.num_generations)
         self._metrics["reward"].append(kept.mean().item())
         self._metrics["reward_std"].append(kept.std().item() if len(kept) > 1 else 0.0)
         for j, name in enumerate(self.reward_func_names):
             self._metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, j]).item())
-        self._metrics["frac_reward_zero_std"].append((_nan_std(grouped) < 1e-8).float().mean().item())
+        group_std = group_reward_std(rewards, self.args.num_generations)
+        self._metrics["frac_reward_zero_std"].append((group_std < 1e-8).float().mean().item())
+        groups_kept = kept_groups(
+            rewards,
+            self.args.num_generations,
+            self.args.group_filter_min_reward_std,
+            self.args.group_filter_max_reward_mean,
+        )
+        self._metrics["frac_groups_filtered"].append(1.0 - groups_kept.float().mean().item())
+        if not groups_kept.any():
+            logger.warning(
+                "Every group of this rollout was filtered out (group_filter_min_reward_std / "
+                "group_filter_max_reward_mean): this step trains on no sample."
+            )
+        trained = ~dropped & groups_kept.repeat_interleave(self.args.num_generations)
         self._metrics["faults/dropped_samples"].append(dropped.sum().item())
         retries = torch.tensor(float(self._fault_counts.pop("reward_retries", 0)), device=device)
         self._metrics["faults/reward_retries"].append(self.accelerator.gather(retries).sum().item())
@@ -583,12 +636,13 @@ class DiffusionNFTTrainer(Trainer):
         self._metrics["timing/reward_seconds"].append(self._reward_seconds)
         self._metrics["rollout/images_per_second"].append(len(rows) / self._rollout_seconds)
         self.last_rollout_samples = (images, prompts, rewards[local].tolist())
+        self.last_rollout_conditions = reward_columns(rows).get(CONDITION_IMAGES_KEYWORD)
         return {
             "latents": latents,
             "conditioning": conditioning,
             "time_grid": time_grid,
             "optimality": optimality[local].to(device),
-            "sample_weights": (~dropped[local]).float().to(device),  # 0 for a dropped sample: it trains nothing
+            "sample_weights": trained[local].float().to(device),  # 0 for a dropped or filtered sample: trains nothing
             "sample_index": sample_index.to(device),  # what keys each sample's training draws
         }
 
@@ -815,14 +869,16 @@ class DiffusionNFTTrainer(Trainer):
 
     def _write_model_card(self, output_dir: str, model_name: str | None = None, tags: list[str] | None = None) -> None:
         images, prompts, _ = self.last_rollout_samples or ([], [], [])
-        first_of_each_prompt = {}  # one sample per prompt: the first image of each group
+        conditions = self.last_rollout_conditions if images else None
+        first_of_each_group = {}  # one sample per prompt (and condition): the first image of each group
         for i, prompt in enumerate(prompts):
-            first_of_each_prompt.setdefault(prompt, i)
+            condition = None if conditions is None else conditions[i]
+            key = prompt if condition is None else (prompt, fingerprint(_as_list(condition)))
+            first_of_each_group.setdefault(key, i)
+        shown = list(first_of_each_group.values())[:4]
         # The usage example samples as the run did: its steps, its size (and frames), its guidance.
         steps = self.args.eval_num_inference_steps or self.args.num_inference_steps
-        size = {"height": self.resolution, "width": self.resolution}
-        if self.adapter.num_frames is not None:
-            size["num_frames"] = self.adapter.num_frames
+        size = self.adapter.pipeline_size_arguments(self.resolution)
         write_model_card(
             output_dir,
             model_id=self.args.hub_model_id or os.path.basename(os.path.normpath(output_dir)),
@@ -834,7 +890,8 @@ class DiffusionNFTTrainer(Trainer):
             reward_names=self.reward_func_names,
             rewards=final_reward_values(self.state.log_history),
             settings=self.args.to_dict(),
-            samples=[(images[i], prompts[i]) for i in list(first_of_each_prompt.values())[:4]],
+            samples=[(images[i], prompts[i]) for i in shown],
+            sample_conditions=None if conditions is None else [conditions[i] for i in shown],
             citation=self._paper["citation"],
             is_lora=self.use_lora,
             denoiser_name=self.adapter.denoiser_name,
@@ -972,15 +1029,13 @@ def _slice_batch(batch: dict, index: int, parts: int) -> dict:
     return _take(batch, slice(index * size, (index + 1) * size))
 
 
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
 def _result(scored: Future | tuple) -> tuple:
     """A scored chunk: the background thread's result, or the result itself."""
     return scored.result() if isinstance(scored, Future) else scored
-
-
-def _nan_std(grouped: torch.Tensor) -> torch.Tensor:
-    """The population std of each row, ignoring NaN (dropped samples)."""
-    centered = grouped - grouped.nanmean(dim=1, keepdim=True)
-    return (centered**2).nanmean(dim=1).sqrt()
 
 
 @contextlib.contextmanager

@@ -62,6 +62,30 @@ def group_advantages(
     return centered.view(-1)
 
 
+def group_reward_std(rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """The population std of each group of `num_generations` consecutive rewards, over its known (non-NaN) ones."""
+    grouped = rewards.view(-1, num_generations)
+    centered = grouped - grouped.nanmean(dim=1, keepdim=True)
+    return (centered**2).nanmean(dim=1).sqrt()
+
+
+def kept_groups(
+    rewards: torch.Tensor, num_generations: int, min_std: float | None = None, max_mean: float | None = None
+) -> torch.Tensor:
+    r"""Which groups of `num_generations` consecutive rewards train (bool, one per group): a group is filtered out
+    when `std(R_group) < min_std` (its ranking is mostly noise) or `mean(R_group) > max_mean` (already solved), as
+    Edit-R1 filters its groups (std < 0.05 or mean > 0.9 on a [0, 1] score). `None` disables a bound. Population stds
+    and means over the known (non-NaN) rewards; a group with none known is kept (its samples carry weight 0 anyway)."""
+    grouped = rewards.view(-1, num_generations)
+    mean, std = grouped.nanmean(dim=1), group_reward_std(rewards, num_generations)
+    kept = torch.ones(len(grouped), dtype=torch.bool, device=rewards.device)
+    if min_std is not None:
+        kept &= ~(std < min_std)  # a NaN std (nothing known) compares False: kept
+    if max_mean is not None:
+        kept &= ~(mean > max_mean)
+    return kept
+
+
 def _group_advantages_of_known(grouped: torch.Tensor, scale: str, eps: float) -> torch.Tensor:
     """`group_advantages` over the known (non-NaN) rewards of `grouped`; 0 for the unknown ones."""
     centered = grouped - grouped.nanmean(dim=1, keepdim=True)  # a group with no known reward stays NaN: A = 0

@@ -1,7 +1,8 @@
-"""The text conditioning of recently seen prompts, kept so that a prompt is not encoded again at every rollout."""
+"""The conditioning of recently seen prompts (and their condition images), kept so that a row is not encoded again at
+every rollout."""
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 
@@ -9,38 +10,39 @@ from .models.base import DiffusionAdapter
 
 
 class PromptEmbeddingCache:
-    """The conditioning rows of at most `capacity` prompts, the least recently used dropped first.
+    """The conditioning rows of at most `capacity` conditions, the least recently used dropped first.
 
-    `encode(prompts, encode_prompts)` returns what `encode_prompts(prompts)` returns (a dict of batch-first tensors,
-    one row per prompt), encoding only the prompts it does not hold, in one batch. That is exact only when a prompt's
-    row does not depend on the other prompts of its batch, which holds for encoders padded to a fixed length (the
+    `encode(keys, encode_missing)` returns what `encode_missing(keys)` returns (a dict of batch-first tensors, one row
+    per key), encoding only the keys it does not hold, in one batch. A key identifies a row's whole condition: its
+    prompt, and for image-conditioned families the fingerprint of its images. That is exact only when a row's
+    encoding does not depend on the other rows of its batch, which holds for encoders padded to a fixed length (the
     families' `per_prompt_encoding`)."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._rows: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._rows: OrderedDict[Hashable, dict[str, torch.Tensor]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._rows)
 
     def encode(
-        self, prompts: list[str], encode_prompts: Callable[[list[str]], dict[str, torch.Tensor]]
+        self, keys: list[Hashable], encode_missing: Callable[[list[Hashable]], dict[str, torch.Tensor]]
     ) -> dict[str, torch.Tensor]:
-        missing = list(dict.fromkeys(prompt for prompt in prompts if prompt not in self._rows))
+        missing = list(dict.fromkeys(key for key in keys if key not in self._rows))
         new_rows = {}
         if missing:
-            encoded = encode_prompts(missing)
-            new_rows = {prompt: {key: value[i] for key, value in encoded.items()} for i, prompt in enumerate(missing)}
-        rows = [self._rows[prompt] if prompt in self._rows else new_rows[prompt] for prompt in prompts]
-        for prompt in prompts:  # most recently used last
-            if prompt in self._rows:
-                self._rows.move_to_end(prompt)
+            encoded = encode_missing(missing)
+            new_rows = {key: {name: value[i] for name, value in encoded.items()} for i, key in enumerate(missing)}
+        rows = [self._rows[key] if key in self._rows else new_rows[key] for key in keys]
+        for key in keys:  # most recently used last
+            if key in self._rows:
+                self._rows.move_to_end(key)
             else:
                 # A copy: a row of the batch would keep the whole batch's storage alive.
-                self._rows[prompt] = {key: value.clone() for key, value in new_rows[prompt].items()}
+                self._rows[key] = {name: value.clone() for name, value in new_rows[key].items()}
         while len(self._rows) > self.capacity:
             self._rows.popitem(last=False)
-        return {key: torch.stack([row[key] for row in rows]) for key in rows[0]}
+        return {name: torch.stack([row[name] for row in rows]) for name in rows[0]}
 
 
 def prompt_embedding_cache(capacity: int, adapter: DiffusionAdapter) -> PromptEmbeddingCache | None:

@@ -9,9 +9,12 @@ from .digits_sd3 import load_digits_sd3
 from .tiny import TINY_SD3_RESOLUTION, build_tiny_sd, build_tiny_sd3, build_tiny_sdxl
 from .tiny_flux import build_tiny_flux
 from .tiny_flux2_klein import build_tiny_flux2_klein
+from .tiny_flux_kontext import build_tiny_flux_kontext
 from .tiny_qwen_image import build_tiny_qwen_image
+from .tiny_qwen_image_edit import build_tiny_qwen_image_edit, build_tiny_qwen_image_edit_plus
 from .tiny_sana import build_tiny_sana
 from .tiny_wan import build_tiny_wan
+from .tiny_wan_i2v import build_tiny_wan_i2v
 from .tiny_z_image import build_tiny_z_image
 
 
@@ -21,11 +24,15 @@ EMBEDDED_MODELS = {
     "tiny-sd": build_tiny_sd,
     "tiny-sdxl": build_tiny_sdxl,
     "tiny-flux": build_tiny_flux,  # guidance-distilled, as FLUX.1-dev
+    "tiny-flux-kontext": build_tiny_flux_kontext,  # instruction editing: one condition image per row
     "tiny-qwen-image": build_tiny_qwen_image,
+    "tiny-qwen-image-edit": build_tiny_qwen_image_edit,  # instruction editing: one condition image per row
+    "tiny-qwen-image-edit-plus": build_tiny_qwen_image_edit_plus,  # as Qwen-Image-Edit-2509: any number per row
     "tiny-flux2-klein": build_tiny_flux2_klein,  # step-distilled, as FLUX.2-klein-4B
     "tiny-z-image": build_tiny_z_image,
     "tiny-sana": build_tiny_sana,
     "tiny-wan": build_tiny_wan,  # text-to-video: 5 frames of 32 px by default
+    "tiny-wan-i2v": build_tiny_wan_i2v,  # image-to-video: one first frame per row
     # A pretrained 16 px SD3 on scikit-learn's handwritten digits, shipped in the package (`digits_sd3.py`).
     "digits-sd3": load_digits_sd3,
     "digits-sd": load_digits_sd,  # its SD1.x counterpart, for the DDPO comparison (`digits_sd.py`)
@@ -49,12 +56,16 @@ __all__ = [
     "TINY_SD3_RESOLUTION",
     "build_tiny_flux",
     "build_tiny_flux2_klein",
+    "build_tiny_flux_kontext",
     "build_tiny_qwen_image",
+    "build_tiny_qwen_image_edit",
+    "build_tiny_qwen_image_edit_plus",
     "build_tiny_sana",
     "build_tiny_sd",
     "build_tiny_sd3",
     "build_tiny_sdxl",
     "build_tiny_wan",
+    "build_tiny_wan_i2v",
     "build_tiny_z_image",
     "load_digits_sd",
     "load_digits_sd3",

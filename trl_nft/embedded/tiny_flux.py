@@ -7,7 +7,7 @@ FLUX.1-dev, `False` has no guidance input like FLUX.1-schnell.
 """
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from transformers import CLIPTextModel, T5EncoderModel
 
 from .tiny import _as_loaded, _clip_text_config, _clip_tokenizer, _t5_config, _t5_tokenizer, tiny_vae
@@ -20,6 +20,12 @@ _LATENT_CHANNELS = 4  # packed 2 x 2: the transformer sees 16 channels per token
 def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> FluxPipeline:
     """Build the tiny FLUX.1 pipeline (64 px, 4 latent channels, VAE scale 8, so 4 x 4 packed tokens) with weights
     fixed by `seed`; `guidance_embeds` gives it FLUX.1-dev's guidance input (else it is schnell-like)."""
+    return tiny_flux_pipeline(FluxPipeline, seed, guidance_embeds)
+
+
+def tiny_flux_pipeline(pipeline_class: type[DiffusionPipeline], seed: int, guidance_embeds: bool) -> DiffusionPipeline:
+    """A `pipeline_class` (`FluxPipeline`, or a pipeline of the same components such as `FluxKontextPipeline`) of the
+    tiny FLUX.1 components, their weights fixed by `seed`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clip_tokenizer = _clip_tokenizer()
@@ -49,7 +55,7 @@ def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> FluxPipeline
         base_image_seq_len=256,
         max_image_seq_len=4096,
     )
-    pipeline = FluxPipeline(
+    pipeline = pipeline_class(
         scheduler=scheduler,
         vae=vae,
         text_encoder=text_encoder,

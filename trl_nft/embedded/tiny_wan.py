@@ -21,6 +21,21 @@ _TEXT_DIM = 32  # the text encoder's hidden size, which the transformer's `text_
 #: Wan-AI/Wan2.1-T2V-1.3B-Diffusers' `scheduler/scheduler_config.json` (the rest are diffusers' defaults): UniPC on
 #: flow sigmas, shifted by 3 (Wan's value for 480p).
 _SCHEDULER_CONFIG = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+#: The tiny transformer's layout (the image-to-video model, `tiny_wan_i2v.py`, adds its image inputs to it).
+TINY_WAN_TRANSFORMER = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=2,
+    attention_head_dim=16,  # rotary dimensions: 8 for time, 4 each for height and width
+    in_channels=16,
+    out_channels=16,
+    text_dim=_TEXT_DIM,
+    freq_dim=32,
+    ffn_dim=64,
+    num_layers=2,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=32,
+)
 
 
 def build_tiny_wan(seed: int = 0) -> WanPipeline:
@@ -43,20 +58,7 @@ def build_tiny_wan(seed: int = 0) -> WanPipeline:
                 decoder_start_token_id=0,
             )
         )
-        transformer = WanTransformer3DModel(
-            patch_size=(1, 2, 2),
-            num_attention_heads=2,
-            attention_head_dim=16,  # rotary dimensions: 8 for time, 4 each for height and width
-            in_channels=16,
-            out_channels=16,
-            text_dim=_TEXT_DIM,
-            freq_dim=32,
-            ffn_dim=64,
-            num_layers=2,
-            cross_attn_norm=True,
-            qk_norm="rms_norm_across_heads",
-            rope_max_seq_len=32,
-        )
+        transformer = WanTransformer3DModel(**TINY_WAN_TRANSFORMER)
         # Wan 2.1's VAE layout (16 latent channels, scale 8 in space, 4 in time after the first frame, its
         # `latents_mean` and `latents_std` by default) with few channels and one residual block per level.
         vae = AutoencoderKLWan(

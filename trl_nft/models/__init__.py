@@ -11,12 +11,15 @@ from ..embedded import EMBEDDED_MODELS
 from .base import DiffusionAdapter, Rollout
 from .flux import FluxAdapter
 from .flux2_klein import Flux2KleinAdapter
+from .flux_kontext import FluxKontextAdapter
 from .qwen_image import QwenImageAdapter
+from .qwen_image_edit import QwenImageEditAdapter, QwenImageEditPlusAdapter
 from .sana import SanaAdapter
 from .sd import StableDiffusionAdapter
 from .sd3 import SD3Adapter
 from .sdxl import StableDiffusionXLAdapter
 from .wan import WanAdapter
+from .wan_i2v import WanImageToVideoAdapter
 from .z_image import ZImageAdapter
 
 
@@ -24,13 +27,17 @@ from .z_image import ZImageAdapter
 ADAPTERS: list[type[DiffusionAdapter]] = [
     SD3Adapter,
     FluxAdapter,
+    FluxKontextAdapter,
     QwenImageAdapter,
+    QwenImageEditAdapter,
+    QwenImageEditPlusAdapter,
     StableDiffusionAdapter,
     StableDiffusionXLAdapter,
     Flux2KleinAdapter,
     ZImageAdapter,
     SanaAdapter,
     WanAdapter,
+    WanImageToVideoAdapter,
 ]
 
 
@@ -41,13 +48,19 @@ MODEL_ALIASES = {
     "sd3-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
     "flux-dev": "black-forest-labs/FLUX.1-dev",
     "flux-schnell": "black-forest-labs/FLUX.1-schnell",
+    "flux-kontext-dev": "black-forest-labs/FLUX.1-Kontext-dev",
     "qwen-image": "Qwen/Qwen-Image",
+    "qwen-image-edit": "Qwen/Qwen-Image-Edit",
+    "qwen-image-edit-2509": "Qwen/Qwen-Image-Edit-2509",
+    "qwen-image-edit-2511": "Qwen/Qwen-Image-Edit-2511",
     "flux2-klein-4b": "black-forest-labs/FLUX.2-klein-4B",
     "flux2-klein-base-4b": "black-forest-labs/FLUX.2-klein-base-4B",
     "z-image-turbo": "Tongyi-MAI/Z-Image-Turbo",
     "z-image": "Tongyi-MAI/Z-Image",
     "sana-1.6b": "Efficient-Large-Model/Sana_1600M_1024px_diffusers",
     "wan2.1-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    "wan2.1-i2v-14b-480p": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+    "wan2.1-i2v-14b-720p": "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers",
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
     "sd1.5": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd2.1": "stabilityai/stable-diffusion-2-1",
@@ -107,13 +120,17 @@ __all__ = [
     "DiffusionAdapter",
     "Flux2KleinAdapter",
     "FluxAdapter",
+    "FluxKontextAdapter",
     "QwenImageAdapter",
+    "QwenImageEditAdapter",
+    "QwenImageEditPlusAdapter",
     "Rollout",
     "SD3Adapter",
     "SanaAdapter",
     "StableDiffusionAdapter",
     "StableDiffusionXLAdapter",
     "WanAdapter",
+    "WanImageToVideoAdapter",
     "ZImageAdapter",
     "get_adapter",
     "load_pipeline",

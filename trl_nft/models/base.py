@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import DiffusionPipeline
+from PIL import Image
 from torch import nn
 
 from .samplers import build_sampler
@@ -91,6 +92,11 @@ class DiffusionAdapter:
     #: Whether a prompt's conditioning is the same whatever other prompts share its batch (every encoder padded to a
     #: fixed length), so that it can be kept and reused (`NFTConfig.prompt_embedding_cache_size`).
     per_prompt_encoding: bool = True
+    #: Whether rows carry condition images (the dataset's `image` column): "none" for text-only families, "required"
+    #: for editing and image-to-video families, "optional" for families that take reference images or none.
+    image_conditioning: str = "none"
+    #: The most condition images one row may carry (None: any number).
+    max_condition_images: int | None = 1
 
     def __init__(self, pipeline: DiffusionPipeline, guidance_scale: float = 1.0, max_sequence_length: int = 128):
         self.pipeline = pipeline
@@ -130,6 +136,11 @@ class DiffusionAdapter:
         """The family pipeline's call arguments for this run's guidance (rollouts, and the model card's example)."""
         return {"guidance_scale": self.guidance_scale}
 
+    def pipeline_size_arguments(self, resolution: int) -> dict:
+        """The family pipeline's call arguments that make it sample at the run's size (the model card's example)."""
+        size = {"height": resolution, "width": resolution}
+        return size if self.num_frames is None else {**size, "num_frames": self.num_frames}
+
     def set_sampler(self, sampler=None, sampler_kwargs: dict | None = None) -> None:
         """Make the pipeline roll out with `sampler` (a diffusers scheduler class name or instance; None: the
         family's `default_sampler`)."""
@@ -155,6 +166,21 @@ class DiffusionAdapter:
         """Text conditioning for `prompts`, batch-first tensors; with `classifier_free_guidance`, also the
         empty-prompt conditioning that guidance needs (keys prefixed with `negative_`, used for sampling only)."""
         raise NotImplementedError
+
+    def encode_conditions(
+        self, prompts: list[str], images: list[list[Image.Image]] | None = None, resolution: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The whole conditioning of rows: `prompts`, and for image-conditioned families each row's condition images
+        (`images[i]`, a list of RGB PIL images, one list per prompt; None for a text-only run), for targets of
+        `resolution` pixels square (the run's; a family resizes its conditions to it where its pipeline allows). Batch-first tensors,
+        encoded once per rollout and kept with the samples: `sample` and every `predict_velocity` reuse them (keys
+        prefixed with `negative_` are for sampling only). Text-only families encode the prompts."""
+        if images is not None:
+            raise ValueError(
+                f"{type(self.pipeline).__name__} is a text-to-image model and takes no condition images: remove the "
+                "dataset's 'image' column, or train an image-conditioned model (docs/editing.md)."
+            )
+        return self.encode_prompts(prompts)
 
     def sample(
         self,

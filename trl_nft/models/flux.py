@@ -77,9 +77,15 @@ class FluxAdapter(DiffusionAdapter):
         return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
 
     @torch.no_grad()
-    def sample(self, conditioning, num_inference_steps, resolution, generator) -> Rollout:
+    def sample(self, conditioning, num_inference_steps, resolution, generator, **pipeline_inputs) -> Rollout:
+        """`pipeline_inputs`: the family's further pipeline arguments (FLUX.1 Kontext: its condition)."""
         latents = self._pipeline_latents(
-            conditioning, num_inference_steps, resolution, generator, max_sequence_length=self.max_sequence_length
+            conditioning,
+            num_inference_steps,
+            resolution,
+            generator,
+            max_sequence_length=self.max_sequence_length,
+            **pipeline_inputs,
         )
         # The denoiser was queried at `timestep / 1000` for each scheduler timestep: those are the flow times.
         return Rollout(latents=latents, sigmas=self._visited_flow_times(latents.device))
@@ -97,19 +103,25 @@ class FluxAdapter(DiffusionAdapter):
         images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         return (images.float() / 2 + 0.5).clamp(0, 1)
 
+    def _image_tokens(self, noisy_latents, conditioning, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The transformer's image tokens and their positions (`img_ids`): the target's (FLUX.1 Kontext adds its
+        condition's)."""
+        half_side = self._latent_side(noisy_latents) // 2
+        image_ids = self.pipeline._prepare_latent_image_ids(
+            len(noisy_latents), half_side, half_side, noisy_latents.device, dtype
+        )
+        return noisy_latents, image_ids
+
     def predict_velocity(self, model: nn.Module, noisy_latents, sigmas, conditioning) -> torch.Tensor:
         prompt_embeds = conditioning["prompt_embeds"]
         batch_size, device = len(noisy_latents), noisy_latents.device
-        half_side = self._latent_side(noisy_latents) // 2
-        image_ids = self.pipeline._prepare_latent_image_ids(
-            batch_size, half_side, half_side, device, prompt_embeds.dtype
-        )
+        image_tokens, image_ids = self._image_tokens(noisy_latents, conditioning, prompt_embeds.dtype)
         text_ids = torch.zeros(prompt_embeds.shape[1], 3, device=device, dtype=prompt_embeds.dtype)
         guidance = None
         if self.guidance_embeds:  # as the pipeline makes it: float32, one value per image
             guidance = torch.full((batch_size,), self.guidance_scale, device=device, dtype=torch.float32)
-        return model(
-            hidden_states=noisy_latents,
+        velocity = model(
+            hidden_states=image_tokens,
             timestep=sigmas.to(noisy_latents.dtype),
             guidance=guidance,
             pooled_projections=conditioning["pooled_prompt_embeds"],
@@ -118,3 +130,4 @@ class FluxAdapter(DiffusionAdapter):
             img_ids=image_ids,
             return_dict=False,
         )[0]
+        return velocity[:, : noisy_latents.shape[1]]  # the target's tokens (a condition's follow them)

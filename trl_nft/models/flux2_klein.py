@@ -12,20 +12,37 @@ What is particular to FLUX.2-klein, all read from diffusers' `Flux2KleinPipeline
   `compute_empirical_mu`), so a rollout's time grid depends on both;
 - guidance: the step-distilled checkpoints (FLUX.2-klein-4B and -9B, `is_distilled=True` in their `model_index.json`)
   sample without any; the base checkpoints (FLUX.2-klein-base-*) take classifier-free guidance, a second pass on the
-  empty prompt every step. The pipeline never feeds the transformer's guidance embedding (`guidance=None`).
+  empty prompt every step. The pipeline never feeds the transformer's guidance embedding (`guidance=None`);
+- reference images (`image=`, optional): each is encoded by the VAE at its mode, patchified, normalised and packed as
+  the target's latents, and all are joined after the target's tokens along the sequence, the i-th at positions
+  `T = 10 (i + 1)` (the target's T is 0); the output is cut back to the target's tokens. The pipeline takes them only
+  as PIL images, the same for the whole batch, and shrinks any above a 1024² area to it: here each row has its own,
+  resized to the run's `resolution` (square, as the target; said once in the log; at most 1024), encoded once per
+  rollout, and fed to the pipeline's transformer calls as the pipeline joins them.
 """
 
+import contextlib
 import inspect
 
 import torch
 from diffusers import Flux2KleinPipeline
+from PIL import Image
 from torch import nn
 
 from .base import MMDIT_ATTENTION_TARGETS, DiffusionAdapter, Rollout, check_resolution_multiple, packed_grid_side
+from .condition_images import check_condition_counts, resize_condition_images
 
 
 #: The negative prompt of FLUX.2-klein's CFG: the pipeline's own, the empty prompt.
 NEGATIVE_PROMPT = ""
+#: The conditioning's entries for reference images: each row's references' packed latents `[B, 4 n, 4 C]` and their
+#: positions `[B, 4 n, 4]` (`n` tokens per reference; zero after the row's own references, so that every row, whatever
+#: its count, has one shape), and how many references each row has, `[B]`.
+REFERENCE_KEYS = ("image_latents", "image_latent_ids", "image_counts")
+#: `Flux2KleinPipeline` shrinks references above a 1024² area to it; `Flux2ImageProcessor.check_image_input` refuses
+#: sides under 64 px.
+REFERENCE_MAX_SIDE = 1024
+REFERENCE_MIN_SIDE = 64
 
 
 class Flux2KleinAdapter(DiffusionAdapter):
@@ -45,6 +62,9 @@ class Flux2KleinAdapter(DiffusionAdapter):
     )
 
     prompt_token_limits = {"tokenizer": "max_sequence_length"}
+    image_conditioning = "optional"
+    #: Black Forest Labs documents up to 4 reference images for FLUX.2 [klein] (4B and 9B).
+    max_condition_images = 4
 
     @property
     def is_distilled(self) -> bool:
@@ -93,6 +113,37 @@ class Flux2KleinAdapter(DiffusionAdapter):
             conditioning["negative_prompt_embeds"] = negative.expand(len(prompts), -1, -1)
         return conditioning
 
+    @torch.no_grad()
+    def encode_conditions(
+        self, prompts: list[str], images: list[list[Image.Image]] | None = None, resolution: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        conditioning = self.encode_prompts(prompts)
+        if images is None:
+            return conditioning
+        check_condition_counts(prompts, images, self.max_condition_images, "FLUX.2-klein")
+        resolution = resolution or self.default_resolution()
+        side = min(resolution, REFERENCE_MAX_SIDE)
+        if side < REFERENCE_MIN_SIDE:
+            raise ValueError(
+                f"resolution={resolution} is too small for FLUX.2-klein's reference images, which are resized to it: "
+                f"Flux2KleinPipeline takes references of at least {REFERENCE_MIN_SIDE} px a side. Set resolution to "
+                f"{REFERENCE_MIN_SIDE} or more, or train without the 'image' column."
+            )
+        pipeline, device = self.pipeline, self.denoiser.device
+        latents, latent_ids = [], []
+        for row in resize_condition_images(images, side, pipeline.image_processor, "FLUX.2-klein"):
+            # The pipeline's preprocessing of a reference of this size, then its encoding of a row's references.
+            pixels = [pipeline.image_processor.preprocess(image, side, side, resize_mode="crop") for image in row]
+            row_latents, row_ids = pipeline.prepare_image_latents(pixels, 1, None, device, pipeline.vae.dtype)
+            per_reference = row_latents.shape[1] // len(row)
+            padding = (self.max_condition_images - len(row)) * per_reference
+            latents.append(nn.functional.pad(row_latents, (0, 0, 0, padding)))
+            latent_ids.append(nn.functional.pad(row_ids, (0, 0, 0, padding)))
+        conditioning["image_latents"] = torch.cat(latents)
+        conditioning["image_latent_ids"] = torch.cat(latent_ids)
+        conditioning["image_counts"] = torch.tensor([len(row) for row in images], device=device)
+        return conditioning
+
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         """The pipeline's encoding of `prompts`, `[B, max_sequence_length, 3 D]` (its `text_ids` are not kept: they
         follow from the number of tokens)."""
@@ -103,25 +154,68 @@ class Flux2KleinAdapter(DiffusionAdapter):
 
     @torch.no_grad()
     def sample(self, conditioning, num_inference_steps, resolution, generator) -> Rollout:
-        # With `output_type="latent"` the pipeline returns the VAE's latents (unpacked, de-normalised); the rollout
-        # keeps the denoiser's own, which the pipeline hands its step-end callback.
-        final = {}
+        prompts = {key: value for key, value in conditioning.items() if key not in REFERENCE_KEYS}
+        with self._references_joined(conditioning):
+            # With `output_type="latent"` the pipeline returns the VAE's latents (unpacked, de-normalised); the
+            # rollout keeps the denoiser's own, which the pipeline hands its step-end callback.
+            final = {}
 
-        def keep_latents(pipeline, step, timestep, tensors):
-            final["latents"] = tensors["latents"]
-            return {}
+            def keep_latents(pipeline, step, timestep, tensors):
+                final["latents"] = tensors["latents"]
+                return {}
 
-        self._pipeline_latents(
-            conditioning,
-            num_inference_steps,
-            resolution,
-            generator,
-            max_sequence_length=self.max_sequence_length,
-            callback_on_step_end=keep_latents,
-        )
+            self._pipeline_latents(
+                prompts,
+                num_inference_steps,
+                resolution,
+                generator,
+                max_sequence_length=self.max_sequence_length,
+                callback_on_step_end=keep_latents,
+            )
         latents = final["latents"]
         # The denoiser was queried at `timestep / 1000` for each scheduler timestep: those are the flow times.
         return Rollout(latents=latents, sigmas=self._visited_flow_times(latents.device))
+
+    @contextlib.contextmanager
+    def _references_joined(self, conditioning: dict[str, torch.Tensor]):
+        """Within this context the pipeline's transformer calls (conditional and CFG passes) take the rows' reference
+        tokens after the target's, as `Flux2KleinPipeline(image=...)` makes them; the pipeline cuts the output back
+        to the target's tokens itself. Nothing changes for text-only rows."""
+        if "image_latents" not in conditioning:
+            yield
+            return
+
+        def join(module, args, kwargs):
+            return args, {**kwargs, **self._joined(kwargs["hidden_states"], kwargs["img_ids"], conditioning)}
+
+        handle = self.denoiser.register_forward_pre_hook(join, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _joined(self, hidden_states, latent_ids, conditioning) -> dict[str, torch.Tensor | dict]:
+        """The transformer's `hidden_states` and `img_ids` with each row's references after the target's tokens, as
+        the pipeline joins them, and, when rows have different numbers of references, an attention mask that hides
+        the padding (`joint_attention_kwargs`; rows with the batch's most references see exactly the pipeline's
+        sequence)."""
+        counts = conditioning["image_counts"]
+        per_reference = conditioning["image_latents"].shape[1] // self.max_condition_images
+        used = int(counts.max()) * per_reference
+        references = conditioning["image_latents"][:, :used].to(hidden_states.dtype)
+        # The transformer takes the first row's positions for all: those of a row with the most references.
+        reference_ids = conditioning["image_latent_ids"][counts.argmax(), :used].expand(len(counts), -1, -1)
+        joined = {
+            "hidden_states": torch.cat([hidden_states, references], dim=1),
+            "img_ids": torch.cat([latent_ids, reference_ids], dim=1),
+        }
+        if bool((counts < counts.max()).any()):
+            # Keys of the joint sequence: the text's and the target's tokens, then the references' (padding hidden).
+            before = hidden_states.shape[1] + conditioning["prompt_embeds"].shape[1]
+            keep = torch.arange(used, device=counts.device) < (counts * per_reference)[:, None]
+            mask = torch.cat([keep.new_ones(len(keep), before), keep], dim=1)
+            joined["joint_attention_kwargs"] = {"attention_mask": mask[:, None, None, :]}
+        return joined
 
     def _latent_ids(self, packed: torch.Tensor) -> tuple[torch.Tensor, int]:
         """The pipeline's positions `(T, H, W, L)` of the tokens of `packed` latents `[B, s^2, 4 C]`, and `s`."""
@@ -143,13 +237,16 @@ class Flux2KleinAdapter(DiffusionAdapter):
 
     def predict_velocity(self, model: nn.Module, noisy_latents, sigmas, conditioning) -> torch.Tensor:
         prompt_embeds = conditioning["prompt_embeds"]
-        latent_ids, _ = self._latent_ids(noisy_latents)
-        return model(
-            hidden_states=noisy_latents.to(self.denoiser.dtype),
+        hidden_states, latent_ids = noisy_latents.to(self.denoiser.dtype), self._latent_ids(noisy_latents)[0]
+        inputs = {"hidden_states": hidden_states, "img_ids": latent_ids}
+        if "image_latents" in conditioning:
+            inputs = self._joined(hidden_states, latent_ids, conditioning)
+        velocity = model(
             timestep=sigmas.to(noisy_latents.dtype),
             guidance=None,
             encoder_hidden_states=prompt_embeds,
             txt_ids=self.pipeline._prepare_text_ids(prompt_embeds).to(noisy_latents.device),
-            img_ids=latent_ids,
             return_dict=False,
+            **inputs,
         )[0]
+        return velocity[:, : noisy_latents.shape[1]]  # the target's tokens

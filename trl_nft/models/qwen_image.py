@@ -153,14 +153,22 @@ class QwenImageAdapter(DiffusionAdapter):
 
     def predict_velocity(self, model: nn.Module, noisy_latents, sigmas, conditioning) -> torch.Tensor:
         _, patches_per_side = self._latent_grid(noisy_latents)
+        return self._transformer_call(
+            model, noisy_latents, sigmas, conditioning, [(1, patches_per_side, patches_per_side)]
+        )
+
+    @staticmethod
+    def _transformer_call(model: nn.Module, hidden_states, sigmas, conditioning, img_shapes) -> torch.Tensor:
+        """The pipeline's call of its transformer on `hidden_states`, whose tokens are the grids `img_shapes`
+        (frames, height, width), the same for every row."""
         mask = conditioning["prompt_embeds_mask"]
         return model(
-            hidden_states=noisy_latents,
-            timestep=sigmas.to(noisy_latents.dtype),
+            hidden_states=hidden_states,
+            timestep=sigmas.to(hidden_states.dtype),
             guidance=None,
             # As the pipeline: a batch without padding runs unmasked attention (and keeps fused attention kernels).
             encoder_hidden_states_mask=None if mask.all() else mask,
             encoder_hidden_states=conditioning["prompt_embeds"],
-            img_shapes=[[(1, patches_per_side, patches_per_side)]] * len(noisy_latents),
+            img_shapes=[img_shapes] * len(hidden_states),
             return_dict=False,
         )[0]

@@ -41,6 +41,8 @@ class WanAdapter(DiffusionAdapter):
     lora_target_modules = (*SELF_AND_CROSS_ATTENTION_TARGETS, "ffn.net.0.proj", "ffn.net.2")
     produces_videos = True
     prompt_token_limits = {"tokenizer": "max_sequence_length"}
+    #: The models this adapter trains, for the refusal of a Wan 2.2 one.
+    supported_models = "a Wan 2.1 text-to-video model (e.g. model='wan2.1-1.3b')"
 
     def __init__(
         self,
@@ -49,12 +51,11 @@ class WanAdapter(DiffusionAdapter):
         max_sequence_length: int = 128,
         num_frames: int | None = None,
     ):
-        # Wan 2.2 shares the pipeline class: its A14B splits the denoising between two transformers, and its TI2V-5B
-        # takes a timestep per token; this adapter makes Wan 2.1's single transformer call.
-        if pipeline.transformer_2 is not None or pipeline.config.expand_timesteps:
+        wan_2_2 = self._wan_2_2_feature(pipeline)
+        if wan_2_2 is not None:
             raise ValueError(
-                "This WanPipeline is a Wan 2.2 model (a second transformer, or a timestep per token), which is not "
-                "supported yet: use a Wan 2.1 text-to-video model (e.g. model='wan2.1-1.3b')."
+                f"This {type(pipeline).__name__} is a Wan 2.2 model ({wan_2_2}), which is not supported yet: use "
+                f"{self.supported_models}."
             )
         super().__init__(pipeline, guidance_scale, max_sequence_length)
         # UMT5 has relative positions (no length limit); the tokenizer may declare one.
@@ -65,6 +66,16 @@ class WanAdapter(DiffusionAdapter):
         default_frames = getattr(pipeline, "default_num_frames", PIPELINE_NUM_FRAMES)
         self.num_frames = default_frames if num_frames is None else num_frames
         self._check_num_frames(self.num_frames)
+
+    def _wan_2_2_feature(self, pipeline) -> str | None:
+        """What makes `pipeline` a Wan 2.2 model, which shares Wan 2.1's pipeline classes (None for Wan 2.1): its A14B
+        splits the denoising between two transformers, its TI2V-5B takes a timestep per token; this adapter makes Wan
+        2.1's single transformer call."""
+        if pipeline.transformer_2 is not None or pipeline.config.boundary_ratio is not None:
+            return "two transformers, split by `boundary_ratio`"
+        if pipeline.config.expand_timesteps:
+            return "a timestep per token, `expand_timesteps`"
+        return None
 
     def _check_num_frames(self, num_frames: int) -> None:
         step = self.pipeline.vae_scale_factor_temporal
@@ -117,9 +128,15 @@ class WanAdapter(DiffusionAdapter):
 
     @torch.no_grad()
     def sample(self, conditioning, num_inference_steps, resolution, generator) -> Rollout:
-        # `_pipeline_latents` reads an image pipeline's `.images`; a video pipeline returns `.frames`.
-        latents = self.pipeline(
-            **conditioning,
+        latents = self._pipeline_frames(conditioning, num_inference_steps, resolution, generator)
+        # The denoiser was queried at `timestep = 1000 t` for each scheduler timestep: those are the flow times.
+        return Rollout(latents=latents, sigmas=self._visited_flow_times(latents.device))
+
+    def _pipeline_frames(self, inputs, num_inference_steps, resolution, generator) -> torch.Tensor:
+        """The clean video latents of one pipeline call with `inputs` (`_pipeline_latents` reads an image pipeline's
+        `.images`; a video pipeline returns `.frames`)."""
+        return self.pipeline(
+            **inputs,
             num_inference_steps=num_inference_steps,
             height=resolution,
             width=resolution,
@@ -128,8 +145,6 @@ class WanAdapter(DiffusionAdapter):
             output_type="latent",
             **self.pipeline_guidance(),
         ).frames
-        # The denoiser was queried at `timestep = 1000 t` for each scheduler timestep: those are the flow times.
-        return Rollout(latents=latents, sigmas=self._visited_flow_times(latents.device))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -144,11 +159,15 @@ class WanAdapter(DiffusionAdapter):
         return pipeline.video_processor.postprocess_video(video, output_type="pt").float()  # [B, F, 3, H, W]
 
     def predict_velocity(self, model: nn.Module, noisy_latents, sigmas, conditioning) -> torch.Tensor:
-        # As the pipeline: the latents and the prompt in the transformer's dtype, one timestep `1000 t` per video.
+        # As the pipeline: the inputs in the transformer's dtype, one timestep `1000 t` per video.
         dtype = self.denoiser.dtype
+        inputs = self._transformer_inputs(noisy_latents, conditioning)
         return model(
-            hidden_states=noisy_latents.to(dtype),
+            **{name: value.to(dtype) for name, value in inputs.items()},
             timestep=sigmas.float() * self.pipeline.scheduler.config.num_train_timesteps,
-            encoder_hidden_states=conditioning["prompt_embeds"].to(dtype),
             return_dict=False,
         )[0]
+
+    def _transformer_inputs(self, noisy_latents, conditioning) -> dict[str, torch.Tensor]:
+        """The transformer's latent and conditioning inputs, as the pipeline passes them (before the dtype cast)."""
+        return {"hidden_states": noisy_latents, "encoder_hidden_states": conditioning["prompt_embeds"]}

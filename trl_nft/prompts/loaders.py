@@ -1,13 +1,15 @@
 """Loaders of the usual prompt sets, each a `datasets.Dataset` with a `prompt` column (plus what its reward needs).
 
 `path_or_id` is a local file (`.txt`: one prompt per line; `.jsonl`/`.json`, `.csv`, `.parquet`), a local dataset
-folder, or a Hub dataset id; all go through `datasets.load_dataset` (with the matching builder for a file).
+folder, or a Hub dataset id; all go through `datasets.load_dataset` (with the matching builder for a file). Relative
+paths in an `image` column (condition images, for editing models) are read relative to the file or folder.
 """
 
 import os
 
 from datasets import Dataset, load_dataset
 
+from ..conditions import resolve_image_paths
 from ..rewards.ocr import quoted_text
 
 
@@ -22,8 +24,11 @@ def load_prompt_source(path_or_id: str, split: str = "train") -> Dataset:
         extension = os.path.splitext(path)[1].lower()
         if extension not in _BUILDERS:
             raise ValueError(f"Cannot read prompts from {path_or_id!r}: use one of {', '.join(_BUILDERS)}.")
-        return load_dataset(_BUILDERS[extension], data_files=path, split="train")
-    if not os.path.isdir(path) and (path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1):
+        dataset = load_dataset(_BUILDERS[extension], data_files=path, split="train")
+        return resolve_image_paths(dataset, os.path.dirname(os.path.abspath(path)))
+    if os.path.isdir(path):
+        return resolve_image_paths(load_dataset(path, split=split), os.path.abspath(path))
+    if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") > 1:
         raise FileNotFoundError(f"Prompt file {path_or_id!r} does not exist (nor is it a Hub dataset id).")
     return load_dataset(path, split=split)
 

@@ -6,7 +6,8 @@ A reward function has the signature `f(images, prompts, **kwargs) -> list[float 
   and every reward gets the same list; `to_tensor` turns it into a float tensor `[B, 3, H, W]` in [0, 1];
 - `prompts`: the list of prompts, one per image;
 - `kwargs`: every other column of the training dataset as a list with one value per image (TRL's GRPO convention),
-  so accept `**kwargs` even if you use none of them;
+  so accept `**kwargs` even if you use none of them; in image-conditioned runs (editing, image-to-video) also
+  `condition_images`, each sample's source image (RGB PIL; a list of them for a multi-image row);
 - the return value holds one float per image, or `None` where the reward does not apply to that image (it is then
   left out of the weighted sum, e.g. an OCR reward on a prompt with no quoted text). NaN is an error.
 
@@ -74,11 +75,20 @@ def reward_name(reward: RewardFunc) -> str:
 
 def required_columns(reward: RewardFunc) -> tuple[str, ...]:
     """The dataset columns `reward` cannot score without: its `required_columns` attribute when it has one, else the
-    parameters of the function (or of a `RewardModel`'s `score`) that have no default, beyond the samples and the
-    prompts."""
+    parameters of the function (or of a `RewardModel`'s `score`) that have no default, beyond the samples, the prompts
+    and `condition_images` (which the trainer passes in image-conditioned runs, not a column)."""
     declared = getattr(reward, "required_columns", None)
     if declared is not None:
         return tuple(declared)
+    return tuple(name for name in _required_parameters(reward) if name != "condition_images")
+
+
+def needs_condition_images(reward: RewardFunc) -> bool:
+    """Whether `reward` scores a sample against its condition images: it takes `condition_images` without a default."""
+    return "condition_images" in _required_parameters(reward)
+
+
+def _required_parameters(reward: RewardFunc) -> tuple[str, ...]:
     function, skipped = (type(reward).score, 4) if isinstance(reward, RewardModel) else (reward, 0)
     try:  # `score(self, models, images, prompts, ...)`, `f(images, prompts, ...)`
         parameters = list(inspect.signature(function).parameters.values())[skipped:]
@@ -106,7 +116,7 @@ def to_tensor(images: list[Image.Image]) -> torch.Tensor:
 
 
 # Built-ins register themselves on import.
-from . import clip, digits, geneval, image_reward, jpeg, ocr, remote, vlm  # noqa: E402, F401
+from . import clip, digits, geneval, image_reward, jpeg, ocr, remote, similarity, vlm  # noqa: E402, F401
 
 
 __all__ = [

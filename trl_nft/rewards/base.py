@@ -51,6 +51,18 @@ def resolve_file(checkpoint: str, what: str, filename: str | None = None) -> str
     return hf_hub_download(checkpoint, filename)
 
 
+def source_images(condition_images: list, reward: str) -> list[list[Image.Image]]:
+    """Each sample's condition images as a list (rewards receive one image per sample, or a list for a multi-image
+    row); a `ValueError` naming `reward` when a sample has none."""
+    rows = [list(images) if isinstance(images, list | tuple) else [images] for images in condition_images]
+    if any(not images or any(image is None for image in images) for images in rows):
+        raise ValueError(
+            f"{reward} compares each sample with its source image, but a sample has no condition image: every row of "
+            "the dataset needs its 'image'."
+        )
+    return rows
+
+
 class RewardModel:
     """A reward backed by models: subclass it, set `default_checkpoint`, and implement `load` and `score`.
 

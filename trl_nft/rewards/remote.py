@@ -11,6 +11,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..conditions import CONDITION_COLUMN
 from . import register_reward
 from .base import RewardModel
 
@@ -28,8 +29,10 @@ class RemoteRewardError(RuntimeError):
 class RemoteReward(RewardModel):
     """A reward computed by a reward server (`trl-nft reward-server`), one HTTP request per `batch_size` images.
 
-    Images travel as base64 PNG (lossless: the server scores exactly the pixels the trainer made) or WebP, prompts and
-    the other dataset columns as JSON. Connection errors, timeouts and 5xx responses are retried `max_retries` times,
+    Images travel as base64 PNG (lossless: the server scores exactly the pixels the trainer made) or WebP, and so do
+    the samples' condition images (`condition_images`, in image-conditioned runs); prompts and the other dataset
+    columns travel as JSON. The dataset's `image` column is left out when it holds images rather than paths: its images
+    travel as `condition_images`. Connection errors, timeouts and 5xx responses are retried `max_retries` times,
     waiting `backoff * 2**k` seconds before the k-th retry; a 4xx response (a bad token, an unknown reward, a
     malformed request) fails at once with the server's message. When the retries run out, the call raises
     `RemoteRewardError` naming the URL and the last failure: a reward is never silently replaced by zeros.
@@ -45,7 +48,9 @@ class RemoteReward(RewardModel):
         backoff: the wait before the first retry, in seconds; it doubles at each retry.
         image_format: `"png"` (lossless, the default) or `"webp"` (lossy, quality 95: about 4 times smaller on
             photographs, for slow links and rewards that do not depend on exact pixel values).
-        batch_size: the most images sent in one request.
+        batch_size: the most images sent in one request (each with its condition images).
+        send_condition_images: send the condition images the reward is given; turn it off to save bandwidth when the
+            served reward does not use them.
     """
 
     image_formats = {"png": {"format": "PNG"}, "webp": {"format": "WEBP", "quality": 95}}
@@ -60,6 +65,7 @@ class RemoteReward(RewardModel):
         backoff: float = 1.0,
         image_format: str = "png",
         batch_size: int = 32,
+        send_condition_images: bool = True,
     ):
         if not url:
             raise ValueError('The remote reward needs the reward server\'s url, e.g. url="http://localhost:8000".')
@@ -78,6 +84,7 @@ class RemoteReward(RewardModel):
         self.max_retries = max_retries
         self.backoff = backoff
         self.image_format = image_format
+        self.send_condition_images = send_condition_images
 
     def cache_key(self) -> tuple:
         return (type(self).__qualname__, self.url, self.token, self.timeout)
@@ -93,12 +100,15 @@ class RemoteReward(RewardModel):
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         return httpx.Client(timeout=self.timeout, headers=headers)
 
-    def score(self, models: Any, images: list[Image.Image], prompts: list[str], **columns) -> list[float | None]:
-        payload = {
-            "images": [self._encode(image) for image in images],
-            "prompts": list(prompts),
-            "columns": {key: list(values) for key, values in columns.items()},
-        }
+    def score(
+        self, models: Any, images: list[Image.Image], prompts: list[str], condition_images=None, **columns
+    ) -> list[float | None]:
+        columns = {key: list(values) for key, values in columns.items()}
+        if CONDITION_COLUMN in columns and not _is_json(columns[CONDITION_COLUMN]):
+            del columns[CONDITION_COLUMN]  # PIL images (or bytes): they travel as `condition_images`
+        payload = {"images": [self._encode(image) for image in images], "prompts": list(prompts), "columns": columns}
+        if condition_images is not None and self.send_condition_images:
+            payload["condition_images"] = [self._encode_sources(sources) for sources in condition_images]
         if self.reward is not None:
             payload["reward"] = self.reward
         try:
@@ -123,6 +133,19 @@ class RemoteReward(RewardModel):
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, **self.image_formats[self.image_format])
         return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    def _encode_sources(self, sources) -> str | list[str] | None:
+        """One sample's condition images as the protocol carries them: one image, a list of them, or null."""
+        if sources is None:
+            return None
+        entries = sources if isinstance(sources, list | tuple) else [sources]
+        if not all(isinstance(image, Image.Image) for image in entries):
+            kinds = ", ".join(sorted({type(image).__name__ for image in entries}))
+            raise TypeError(
+                f"{self.name}: condition_images must be PIL images (a list of them per sample), got {kinds}."
+            )
+        encoded = [self._encode(image) for image in entries]
+        return encoded if isinstance(sources, list | tuple) else encoded[0]
 
     def _post(self, client, body: str):
         """The server's successful response to `body`, after retrying transient failures."""
@@ -161,6 +184,14 @@ class RemoteReward(RewardModel):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(url={self.url!r}, reward={self.reward!r}, image_format={self.image_format!r})"
+
+
+def _is_json(values) -> bool:
+    try:
+        json.dumps(values, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _detail(response) -> str:

@@ -4,15 +4,18 @@ environment. The `remote` reward (`trl_nft.rewards.remote`) is its client; `trl-
 The protocol is JSON only (never pickle, so a request cannot run code on the server):
 
 - `GET /health` -> `{"status": "ok", "rewards": [names]}`, without authentication (it reveals only the names);
-- `POST /score` with `{"reward": name, "images": [base64 PNG or WebP], "prompts": [str], "columns": {name: [values]}}`
-  -> `{"rewards": [float | null]}`. `reward` may be left out when the server serves a single reward; `columns` holds
-  the other dataset columns, one value per image.
+- `POST /score` with `{"reward": name, "images": [base64 PNG or WebP], "prompts": [str], "columns": {name: [values]},
+  "condition_images": [base64 | [base64] | null]}` -> `{"rewards": [float | null]}`. `reward` may be left out when the
+  server serves a single reward; `columns` holds the other dataset columns, one value per image; `condition_images`
+  (optional) holds each image's source image (a list of them for a multi-image row), encoded as the images are, and
+  reaches the reward as the keyword `condition_images` (RGB PIL images).
 
 With a token, `/score` needs the header `Authorization: Bearer <token>` (401 otherwise). A request over one of the
-`RequestLimits` gets a 413 naming the limit, before the server holds it in memory or decodes its images; a malformed
-request gets a 400 saying what is wrong; a reward that raises or returns a non-finite value gets a 500 naming the
-reward. Calls to one reward are serialised (models are not thread-safe) and split into batches of `max_batch_size`
-images, each decoded just before the reward scores it.
+`RequestLimits` (condition images count as images) gets a 413 naming the limit, before the server holds it in memory
+or decodes its images; a malformed request gets a 400 saying what is wrong; a reward that raises or returns a
+non-finite value gets a 500 naming the reward. Calls to one reward are serialised (models are not thread-safe) and
+split into batches of `max_batch_size` images, each decoded (with its condition images) just before the reward scores
+it.
 """
 
 import base64
@@ -37,6 +40,7 @@ from .base import RewardModel, load_once
 logger = logging.getLogger(__name__)
 
 IMAGE_FORMATS = ["PNG", "WEBP"]  # what the protocol carries; other decoders are never reached
+RESERVED_NAMES = ("images", "prompts", "condition_images")  # the reward's own arguments: never a column's name
 MIB = 1024 * 1024
 
 
@@ -50,7 +54,7 @@ class RequestLimits:
     Args:
         max_body_mb: the most MiB in a request body, refused from its `Content-Length` before it is read, and while
             it streams in when it has none.
-        max_images: the most images in a request, refused before any of them is decoded.
+        max_images: the most images in a request, condition images included, refused before any of them is decoded.
         max_image_base64_mb: the most MiB of base64 text for one image.
         max_image_pixels: the most pixels (width x height) in one image, read from its header before its pixels are
             decoded: a small compressed file that decodes to a huge image (a decompression bomb) is refused.
@@ -129,78 +133,111 @@ class _Scorer:
         return ", ".join(map(repr, self.rewards))
 
     @staticmethod
-    def check_lengths(images: list, prompts: list, columns: dict[str, list]) -> None:
+    def check_lengths(images: list, prompts: list, columns: dict[str, list], condition_images: list | None) -> None:
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image.")
+        if condition_images is not None and len(condition_images) != len(images):
+            raise ValueError(
+                f"{len(images)} images but {len(condition_images)} condition_images: give one entry per image (an "
+                "image, a list of images, or null)."
+            )
         for key, values in columns.items():
-            if key in ("images", "prompts"):
+            if key in RESERVED_NAMES:
                 raise ValueError(f"column {key!r} clashes with the reward's own argument; rename it.")
             if len(values) != len(images):
                 raise ValueError(f"column {key!r} has {len(values)} values for {len(images)} images.")
 
-    def check_columns(self, name: str, columns: dict[str, list]) -> None:
+    def check_columns(self, name: str, columns: dict[str, list], condition_images: list | None) -> None:
         """A `ValueError` if the reward cannot take these columns (one it requires is missing, or it takes no such
         argument): the client's mistake, found before the images are decoded, rather than a `TypeError` in the call."""
         try:
             signature = inspect.signature(self.rewards[name])
         except (TypeError, ValueError):  # a callable without a signature (a builtin): the call will tell
             return
+        arguments = dict(columns) if condition_images is None else {**columns, "condition_images": condition_images}
         try:
-            signature.bind([], [], **columns)
+            signature.bind([], [], **arguments)
         except TypeError as error:
-            raise ValueError(f"the columns {sorted(columns)} do not fit reward {name!r}: {error}.") from error
+            raise ValueError(f"the columns {sorted(arguments)} do not fit reward {name!r}: {error}.") from error
 
-    def open(self, images: list[str]) -> list[Image.Image]:
-        """The images, opened but not decoded (PIL reads the header only), after checking every limit: a
-        `RequestTooLarge` for a request over one, a `ValueError` for an image that is not base64 PNG or WebP."""
+    def open(self, images: list[str], condition_images: list | None = None) -> tuple[list, list | None]:
+        """The images and the condition images (each entry one image, a list of them, or None), opened but not
+        decoded (PIL reads the header only), after checking every limit: a `RequestTooLarge` for a request over one,
+        a `ValueError` for an image that is not base64 PNG or WebP."""
         limits = self.limits
-        if len(images) > limits.max_images:
-            raise RequestTooLarge(
-                f"{len(images)} images, over the server's max_images ({limits.max_images}): send fewer per request "
-                "(the remote reward's batch_size)."
+        sources = sum(len(entry) if isinstance(entry, list) else entry is not None for entry in condition_images or [])
+        if len(images) + sources > limits.max_images:
+            count = f"{len(images) + sources} images" + (
+                f" ({len(images)} + {sources} condition images)" if sources else ""
             )
-        opened = []
-        for i, data in enumerate(images):
-            if len(data) > limits.max_image_base64_mb * MIB:
-                raise RequestTooLarge(
-                    f"images[{i}] is {len(data):,} characters of base64, over the server's max_image_base64_mb "
-                    f"({limits.max_image_base64_mb} MiB)."
-                )
-            try:
-                raw = base64.b64decode(data, validate=True)
-            except (binascii.Error, ValueError) as error:
-                raise ValueError(f"images[{i}] is not valid base64 ({error}).") from error
-            too_many_pixels = f"over the server's max_image_pixels ({limits.max_image_pixels:,})"
-            try:
-                image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
-            except Image.DecompressionBombError as error:  # PIL's own check, over twice Image.MAX_IMAGE_PIXELS
-                raise RequestTooLarge(f"images[{i}] is {too_many_pixels}: {error}") from error
-            except Exception as error:
-                # Any failure to parse these untrusted bytes (PIL raises OSError, SyntaxError, struct.error, ...) is
-                # the client's bad image, not a server error.
-                raise ValueError(f"images[{i}] is not a readable PNG or WebP image ({error}).") from error
-            width, height = image.size
-            if width * height > limits.max_image_pixels:
-                raise RequestTooLarge(
-                    f"images[{i}] is {width}x{height} ({width * height:,} pixels), {too_many_pixels}."
-                )
-            opened.append(image)
-        return opened
+            raise RequestTooLarge(
+                f"{count}, over the server's max_images ({limits.max_images}): send fewer per request (the remote "
+                "reward's batch_size)."
+            )
+        opened = [self.open_one(data, f"images[{i}]") for i, data in enumerate(images)]
+        if condition_images is None:
+            return opened, None
+        return opened, [self.open_sources(entry, f"condition_images[{i}]") for i, entry in enumerate(condition_images)]
+
+    def open_sources(self, entry: str | list[str] | None, label: str):
+        if entry is None:
+            return None
+        if isinstance(entry, str):
+            return self.open_one(entry, label)
+        if not entry:
+            raise ValueError(f"{label} is an empty list: give an image, a list of images, or null.")
+        return [self.open_one(data, f"{label}[{j}]") for j, data in enumerate(entry)]
+
+    def open_one(self, data: str, label: str) -> Image.Image:
+        limits = self.limits
+        if len(data) > limits.max_image_base64_mb * MIB:
+            raise RequestTooLarge(
+                f"{label} is {len(data):,} characters of base64, over the server's max_image_base64_mb "
+                f"({limits.max_image_base64_mb} MiB)."
+            )
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as error:
+            raise ValueError(f"{label} is not valid base64 ({error}).") from error
+        too_many_pixels = f"over the server's max_image_pixels ({limits.max_image_pixels:,})"
+        try:
+            image = Image.open(io.BytesIO(raw), formats=IMAGE_FORMATS)
+        except Image.DecompressionBombError as error:  # PIL's own check, over twice Image.MAX_IMAGE_PIXELS
+            raise RequestTooLarge(f"{label} is {too_many_pixels}: {error}") from error
+        except Exception as error:
+            # Any failure to parse these untrusted bytes (PIL raises OSError, SyntaxError, struct.error, ...) is
+            # the client's bad image, not a server error.
+            raise ValueError(f"{label} is not a readable PNG or WebP image ({error}).") from error
+        width, height = image.size
+        if width * height > limits.max_image_pixels:
+            raise RequestTooLarge(f"{label} is {width}x{height} ({width * height:,} pixels), {too_many_pixels}.")
+        return image
 
     @staticmethod
-    def decode(images: list[Image.Image], start: int) -> list[Image.Image]:
-        """The pixels of opened images (`images[start:]` of the request), as RGB; a `ValueError` for data that
-        turns out to be corrupt or truncated past the header."""
-        decoded = []
-        for i, image in enumerate(images, start):
-            try:
-                with image:
-                    decoded.append(image.convert("RGB"))
-            except Exception as error:  # untrusted bytes, as in `open`
-                raise ValueError(f"images[{i}] is not a readable PNG or WebP image ({error}).") from error
-        return decoded
+    def decode(image: Image.Image, label: str) -> Image.Image:
+        """The pixels of an opened image, as RGB; a `ValueError` for data that turns out to be corrupt or truncated
+        past the header."""
+        try:
+            with image:
+                return image.convert("RGB")
+        except Exception as error:  # untrusted bytes, as in `open_one`
+            raise ValueError(f"{label} is not a readable PNG or WebP image ({error}).") from error
 
-    def run(self, name: str, images: list[Image.Image], prompts: list[str], columns: dict[str, list]) -> list:
+    def decode_sources(self, entry, label: str):
+        if entry is None:
+            return None
+        if isinstance(entry, Image.Image):
+            return self.decode(entry, label)
+        return [self.decode(image, f"{label}[{j}]") for j, image in enumerate(entry)]
+
+    def run(
+        self,
+        name: str,
+        images: list[Image.Image],
+        prompts: list[str],
+        columns: dict[str, list],
+        condition_images: list | None = None,
+    ) -> list:
         """The reward's values, in batches of `max_batch_size`; a `RuntimeError` naming the reward if it raises or
         returns something other than one finite float (or None) per image."""
         reward, values = self.rewards[name], []
@@ -209,9 +246,15 @@ class _Scorer:
         with self.locks[name]:
             for start in range(0, len(images), self.max_batch_size):
                 batch = slice(start, start + self.max_batch_size)
-                decoded = self.decode(images[batch], start)
+                decoded = [self.decode(image, f"images[{i}]") for i, image in enumerate(images[batch], start)]
+                arguments = {k: v[batch] for k, v in columns.items()}
+                if condition_images is not None:
+                    arguments["condition_images"] = [
+                        self.decode_sources(entry, f"condition_images[{i}]")
+                        for i, entry in enumerate(condition_images[batch], start)
+                    ]
                 try:
-                    output = reward(decoded, prompts[batch], **{k: v[batch] for k, v in columns.items()})
+                    output = reward(decoded, prompts[batch], **arguments)
                 except Exception as error:
                     logger.exception("Reward %r raised an error.", name)
                     raise RuntimeError(f"reward {name!r} raised {type(error).__name__}: {error}") from error
@@ -265,6 +308,7 @@ def create_app(
         images: list[str]
         prompts: list[str]
         columns: dict[str, list[Any]] = {}
+        condition_images: list[str | list[str] | None] | None = None
 
     scorer = _Scorer(dict(rewards), max_batch_size, limits)
     max_body_bytes = limits.max_body_mb * MIB
@@ -305,10 +349,10 @@ def create_app(
         try:
             request = ScoreRequest.model_validate_json(body)
             name = scorer.reward_for(request.reward)
-            scorer.check_lengths(request.images, request.prompts, request.columns)
-            images = scorer.open(request.images)
-            scorer.check_columns(name, request.columns)
-            return {"rewards": scorer.run(name, images, request.prompts, request.columns)}
+            scorer.check_lengths(request.images, request.prompts, request.columns, request.condition_images)
+            images, condition_images = scorer.open(request.images, request.condition_images)
+            scorer.check_columns(name, request.columns, condition_images)
+            return {"rewards": scorer.run(name, images, request.prompts, request.columns, condition_images)}
         except pydantic.ValidationError as error:
             problems = "; ".join(
                 f"{'.'.join(map(str, problem['loc'])) or 'body'}: {problem['msg']}" for problem in error.errors()
