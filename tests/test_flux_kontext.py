@@ -139,7 +139,9 @@ def test_bad_condition_images_are_refused_naming_the_fix():
     adapter = get_adapter(build_tiny_flux_kontext())
     with pytest.raises(ValueError, match=r"'make the sky red' has 2 condition images .* at most 1 per row"):
         adapter.encode_conditions(PROMPTS[:1], [_images(2)], 64)
-    with pytest.raises(ValueError, match=r"edits an image: every row needs its condition image .*'image' column"):
+    with pytest.raises(
+        ValueError, match=r"edits or animates an image: every row needs its condition image .*'image' column"
+    ):
         adapter.encode_conditions(PROMPTS, None, 64)
 
 

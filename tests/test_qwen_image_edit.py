@@ -164,7 +164,9 @@ def test_bad_condition_images_are_refused_naming_the_fix(make_config):
     adapter = get_adapter(build_tiny_qwen_image_edit())
     with pytest.raises(ValueError, match=r"'make the sky red' has 2 condition images .* at most 1 per row"):
         adapter.encode_conditions(PROMPTS[:1], [[WIDE, SQUARE]], 64)
-    with pytest.raises(ValueError, match=r"Qwen-Image-Edit edits an image: every row needs .*'image' column"):
+    with pytest.raises(
+        ValueError, match=r"Qwen-Image-Edit edits or animates an image: every row needs .*'image' column"
+    ):
         adapter.encode_conditions(PROMPTS, None, 64)
     dataset = Dataset.from_dict({"prompt": PROMPTS[:2], "image": [WIDE, SQUARE]})
     with pytest.raises(ValueError, match=r"resolution=48 .* multiple of 32"):

@@ -13,8 +13,16 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 
-def check_condition_counts(prompts: list[str], images: list[list[Image.Image]], most: int | None, model: str) -> None:
-    """A `ValueError` naming the first row (by its prompt) that carries more than `most` condition images."""
+def check_condition_counts(
+    prompts: list[str], images: list[list[Image.Image]] | None, most: int | None, model: str
+) -> None:
+    """A `ValueError` when rows carry no condition images (`images` None: the dataset has no 'image' column), or naming
+    the first row (by its prompt) that carries more than `most`."""
+    if images is None:
+        raise ValueError(
+            f"{model} edits or animates an image: every row needs its condition image in the dataset's 'image' column "
+            "(a PIL image, a datasets.Image or a path)."
+        )
     for prompt, row_images in zip(prompts, images, strict=True):
         if most is not None and len(row_images) > most:
             raise ValueError(

@@ -56,11 +56,6 @@ class FluxKontextAdapter(FluxAdapter):
     def encode_conditions(
         self, prompts: list[str], images: list[list[Image.Image]] | None = None, resolution: int | None = None
     ) -> dict[str, torch.Tensor]:
-        if images is None:
-            raise ValueError(
-                "FLUX.1 Kontext edits an image: every row needs its condition image in the dataset's 'image' column "
-                "(a PIL image, a datasets.Image or a path)."
-            )
         check_condition_counts(prompts, images, self.max_condition_images, "FLUX.1 Kontext")
         pipeline, resolution = self.pipeline, resolution or self.default_resolution()
         conditioning = self.encode_prompts(prompts)

@@ -62,11 +62,6 @@ class QwenImageEditAdapter(QwenImageAdapter):
     def encode_conditions(
         self, prompts: list[str], images: list[list[Image.Image]] | None = None, resolution: int | None = None
     ) -> dict[str, torch.Tensor]:
-        if images is None:
-            raise ValueError(
-                f"{self._model} edits an image: every row needs its condition image in the dataset's 'image' column "
-                "(a PIL image, a datasets.Image or a path)."
-            )
         check_condition_counts(prompts, images, self.max_condition_images, self._model)
         vae_images = [[self._vae_image(image) for image in row] for row in images]
         prompt_images = [

@@ -85,11 +85,6 @@ class WanImageToVideoAdapter(WanAdapter):
         """The prompts (`prompt_embeds`), and each row's condition image stretched to `resolution` (for rollouts:
         `image`, `[B, H, W, 3]` uint8), its CLIP tokens (`image_embeds`) and its mask and VAE latents (`condition`,
         20 channels)."""
-        if images is None:
-            raise ValueError(
-                "Wan image-to-video animates an image: every row needs its first frame in the dataset's 'image' column "
-                "(a PIL image, a datasets.Image or a path)."
-            )
         check_condition_counts(prompts, images, self.max_condition_images, "Wan 2.1 image-to-video")
         resolution = resolution or self.default_resolution()
         self.check_resolution(resolution)
