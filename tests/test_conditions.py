@@ -6,8 +6,10 @@ import io
 import json
 
 import pytest
+import torch
 from datasets import Dataset, Features, Sequence, Value
 from datasets import Image as ImageFeature
+from families import run_trl_nft
 from PIL import Image
 
 import trl_nft.nft_trainer
@@ -120,3 +122,58 @@ def test_an_edit_reward_on_a_dataset_without_source_images_is_refused(make_confi
 
     with pytest.raises(ValueError, match=r"'preserves_the_source' scores an edit .* has no 'image' column"):
         DiffusionNFTTrainer("tiny-sd3", preserves_the_source, args=make_config(), train_dataset=prompts_dataset)
+
+
+def count_encodings(trainer) -> list[list[str]]:
+    """The prompts of each `encode_conditions` call the trainer makes from now on."""
+    calls, encode = [], trainer.adapter.encode_conditions
+
+    def counted(prompts, images, resolution):
+        calls.append(prompts)
+        return encode(prompts, images, resolution)
+
+    trainer.adapter.encode_conditions = counted
+    return calls
+
+
+def test_rows_are_encoded_once_per_prompt_and_image_and_the_cache_keys_on_the_image(make_config):
+    """Two rows share a prompt but not an image, two share both: a rollout encodes three conditions, and the
+    prompt-embedding cache keeps them apart by image (a cache keyed on the prompt alone would give the second row the
+    first row's image)."""
+    blue = Image.new("RGB", (8, 8), (10, 10, 200))
+    dataset = Dataset.from_dict(
+        {"prompt": ["make it green", "make it green", "make it round", "make it round"], "image": [red(), blue] * 2}
+    )
+    rows = [dataset[0], dataset[1], dataset[0], dataset[2], dataset[1]]
+    encoded = []
+    for cache_size in (0, 8):
+        config = make_config(max_steps=1, prompt_embedding_cache_size=cache_size)
+        trainer = DiffusionNFTTrainer("tiny-flux-kontext", "jpeg_compressibility", args=config, train_dataset=dataset)
+        calls = count_encodings(trainer)
+        conditioning = trainer._encode_conditions(rows)
+        assert calls == [["make it green", "make it green", "make it round"]]
+        latents = conditioning["image_latents"]
+        assert torch.equal(latents[0], latents[2]) and torch.equal(latents[1], latents[4])
+        assert not torch.equal(latents[0], latents[1])
+        encoded.append(conditioning)
+        trainer._encode_conditions(rows)  # again: from the cache when it is on
+        assert len(calls) == (2 if cache_size == 0 else 1)
+    for key, value in encoded[0].items():
+        torch.testing.assert_close(encoded[1][key], value)
+
+
+def test_trl_nft_trains_an_edit_model_from_a_jsonl_of_instructions_and_image_paths(tmp_path):
+    """As a user runs it: `trl nft --model tiny-flux-kontext --dataset edits/train.jsonl`, the images beside the file;
+    the model card's example loads a source image the run saved and edits it."""
+    folder = tmp_path / "edits"
+    (folder / "images").mkdir(parents=True)
+    for index in range(2):
+        Image.new("RGB", (80, 96), (60 * index, 100, 200)).save(folder / "images" / f"{index}.png")
+    rows = [{"prompt": f"make it number {index}", "image": f"images/{index}.png"} for index in range(2)]
+    (folder / "train.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    output_dir = run_trl_nft("tiny-flux-kontext", tmp_path, "--dataset", "edits/train.jsonl")
+    card = (output_dir / "README.md").read_text()
+    assert "pipeline_tag: image-to-image" in card and "FluxKontextPipeline" in card
+    assert (output_dir / "images" / "source_0.png").is_file()
+    assert f'source = load_image("{output_dir}/images/source_0.png")' in card
+    assert "image=source" in card and "max_area=4096, _auto_resize=False" in card

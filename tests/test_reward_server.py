@@ -796,8 +796,9 @@ def test_bad_condition_images_are_4xx_and_the_server_keeps_serving(condition_url
     }
 
 
-@pytest.mark.parametrize("column", ["condition_images", "images", "prompts"])
+@pytest.mark.parametrize("column", ["condition_images", "images", "videos", "prompts", "self", "models"])
 def test_a_column_named_as_a_rewards_own_argument_is_400(condition_url, column):
+    # `self` and `models` are the parameters of a model-backed reward's `score`: passed on, they would be a 500.
     image = png_base64(Image.new("RGB", (4, 4)))
     payload = {"reward": "recording", "images": [image], "prompts": ["a"], "columns": {column: [image]}}
     response = post_condition_request(condition_url, payload)

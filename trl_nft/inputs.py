@@ -10,13 +10,11 @@ from transformers.utils import logging
 from .conditions import CONDITION_COLUMN, CONDITION_IMAGES_KEYWORD
 from .models import DiffusionAdapter
 from .rewards import RewardFunc, get_reward, needs_condition_images, required_columns, reward_name
+from .rewards.base import RESERVED_KEYWORDS
 
 
 logger = logging.get_logger(__name__)
 
-#: Keywords the reward interface passes besides the dataset's columns (and the parameter names of a `RewardModel`'s
-#: `score(self, models, ...)`): a column of one of these names would collide with them.
-RESERVED_COLUMNS = ("images", "videos", "prompts", CONDITION_IMAGES_KEYWORD, "self", "models")
 
 
 def check_prompt_dataset(dataset: Dataset | None, name: str, min_rows: int) -> None:
@@ -24,11 +22,11 @@ def check_prompt_dataset(dataset: Dataset | None, name: str, min_rows: int) -> N
         raise ValueError(f"{name} is required: a datasets.Dataset with a 'prompt' column.")
     if not hasattr(dataset, "column_names") or not hasattr(dataset, "__len__"):
         raise ValueError(f"{name} must be a datasets.Dataset with a 'prompt' column, got {type(dataset).__name__}.")
-    reserved = [column for column in dataset.column_names if column in RESERVED_COLUMNS]
+    reserved = [column for column in dataset.column_names if column in RESERVED_KEYWORDS]
     if reserved:
         raise ValueError(
             f"{name} has a column named {reserved[0]!r}, a name the reward functions already receive as a keyword "
-            f"(reserved: {', '.join(RESERVED_COLUMNS)}); rename the column, e.g. dataset.rename_column({reserved[0]!r}, "
+            f"(reserved: {', '.join(RESERVED_KEYWORDS)}); rename the column, e.g. dataset.rename_column({reserved[0]!r}, "
             f"'{reserved[0]}_column')."
         )
     if "prompt" not in dataset.column_names:

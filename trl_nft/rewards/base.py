@@ -9,6 +9,10 @@ import torch
 from PIL import Image
 
 
+#: The keywords a reward receives besides the dataset's columns, and the parameter names of a `RewardModel`'s
+#: `score(self, models, images, prompts, ...)`: a dataset column of one of these names would collide with them.
+RESERVED_KEYWORDS = ("images", "videos", "prompts", "condition_images", "self", "models")
+
 _LOADED: dict[tuple, Any] = {}
 _LOAD_LOCK = threading.RLock()  # re-entrant: a loader may itself load shared parts through `load_once`
 

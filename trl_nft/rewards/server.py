@@ -34,13 +34,12 @@ from typing import Any
 
 from PIL import Image
 
-from .base import RewardModel, load_once
+from .base import RESERVED_KEYWORDS, RewardModel, load_once
 
 
 logger = logging.getLogger(__name__)
 
 IMAGE_FORMATS = ["PNG", "WEBP"]  # what the protocol carries; other decoders are never reached
-RESERVED_NAMES = ("images", "prompts", "condition_images")  # the reward's own arguments: never a column's name
 MIB = 1024 * 1024
 
 
@@ -142,7 +141,7 @@ class _Scorer:
                 "image, a list of images, or null)."
             )
         for key, values in columns.items():
-            if key in RESERVED_NAMES:
+            if key in RESERVED_KEYWORDS:
                 raise ValueError(f"column {key!r} clashes with the reward's own argument; rename it.")
             if len(values) != len(images):
                 raise ValueError(f"column {key!r} has {len(values)} values for {len(images)} images.")
