@@ -22,6 +22,7 @@ def make_config(tmp_path):
             lora_r=4,
             lora_alpha=8,
             max_steps=2,
+            logging_steps=1,  # every step's metrics, which most tests read
             save_strategy="no",
             report_to="none",
             disable_tqdm=True,

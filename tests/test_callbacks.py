@@ -1,19 +1,26 @@
 """Watching a run: sample grids on disk and in TensorBoard, early stopping at a target reward, the reward-hacking
 guard."""
 
+import copy
+import sys
+import types
+
 import pytest
 from PIL import Image
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
 from trl_nft import DiffusionNFTTrainer
-from trl_nft.callbacks import RewardHackingGuardCallback, sample_grid, spread_over_prompts
+from trl_nft.callbacks import RewardHackingGuardCallback, SampleLoggingCallback, sample_grid, spread_over_prompts
 
 
-def test_sample_grids_land_on_disk_and_in_tensorboard(make_config, prompts_dataset, tmp_path):
+def test_sample_grids_land_on_disk_and_in_tensorboard_at_transformers_step(
+    make_config, prompts_dataset, tmp_path, monkeypatch
+):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     config = make_config(report_to="tensorboard", sample_logging_steps=1, sample_logging_num_images=3)
-    DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=config, train_dataset=prompts_dataset).train()
+    trainer = DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
+    trainer.train()
     saved = sorted((tmp_path / "run" / "samples").glob("*.png"))
     assert [path.name for path in saved] == ["step_000001.png", "step_000002.png"]
     grid = Image.open(saved[0])
@@ -21,6 +28,23 @@ def test_sample_grids_land_on_disk_and_in_tensorboard(make_config, prompts_datas
     events = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent), size_guidance={"images": 0})
     events.Reload()
     assert [event.step for event in events.Images("train/samples")] == [1, 2]
+
+    # W&B and Trackio get the grid as transformers' callbacks log the metrics: with `train/global_step`, and no
+    # explicit `step=`, which can run ahead of the tracker's own step (W&B then drops the metrics logged after it).
+    logged = []
+    for name in ("wandb", "trackio"):
+        tracker = types.SimpleNamespace(run=object(), Image=lambda image: image, Video=lambda path: path)
+        tracker.log = lambda data, name=name, **kwargs: logged.append((name, sorted(data), data, kwargs))
+        monkeypatch.setitem(sys.modules, name, tracker)
+    args = copy.copy(trainer.args)
+    args.report_to = ["wandb", "trackio"]
+    callback = next(c for c in trainer.callback_handler.callbacks if isinstance(c, SampleLoggingCallback))
+    callback.on_step_end(args, trainer.state, trainer.control)
+    assert [(name, keys, kwargs) for name, keys, _, kwargs in logged] == [
+        ("wandb", ["train/global_step", "train/samples"], {}),
+        ("trackio", ["train/global_step", "train/samples"], {}),
+    ]
+    assert all(data["train/global_step"] == 2 and data["train/samples"].size == grid.size for *_, data, _ in logged)
 
 
 def test_sample_logging_can_be_switched_off(make_config, prompts_dataset, tmp_path):

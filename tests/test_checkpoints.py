@@ -36,7 +36,7 @@ RUN = [
     *("--model", "tiny-sd3", "--reward", "jpeg_incompressibility", "--dataset", "simple", "--report_to", "none"),
     *("--max_steps", "8", "--save_steps", "2", "--per_device_train_batch_size", "4", "--num_generations", "4"),
     *("--num_inference_steps", "2", "--lora_r", "4", "--learning_rate", "1e-2", "--sample_logging_steps", "0"),
-    *("--disable_tqdm", "true"),
+    *("--disable_tqdm", "true", "--logging_steps", "1"),
 ]
 
 # Runs `trl_nft/scripts/nft.py` (what `trl nft` launches) stopped at one point of the run, where it creates the file
@@ -209,6 +209,9 @@ def test_resuming_from_the_last_checkpoint_trains_no_further_step(reference, tmp
     assert trainer.state.global_step == 8
     assert not (output_dir / "checkpoint-9").exists()
     _assert_equal_weights(_final_weights(output_dir), _final_weights(reference))  # the saved model: the EMA
+    # Its model card stays as the finished run wrote it, with its samples (a card of this process has none to show).
+    assert (output_dir / "README.md").read_text() == (reference / "README.md").read_text()
+    assert "images/sample_0.png" in (output_dir / "README.md").read_text()
 
 
 def test_resuming_from_a_middle_checkpoint_trains_exactly_the_rest(reference, tmp_path, counted_steps, one_thread):

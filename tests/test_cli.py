@@ -14,13 +14,7 @@ import trl_nft_trl_plugin
 from trl_nft import NFTConfig
 from trl_nft.embedded import MODEL_PRESETS, model_preset
 from trl_nft.models import resolve_model_name
-from trl_nft.scripts.nft import (
-    NFTScriptArguments,
-    make_parser,
-    merge_repeated_flags,
-    parse_rewards,
-    with_model_preset,
-)
+from trl_nft.scripts.nft import NFTScriptArguments, make_parser, parse_rewards, with_model_preset
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -151,9 +145,7 @@ def test_an_embedded_model_with_a_preset_starts_from_it_and_flags_override():
         assert with_model_preset(argv) == argv
 
 
-def test_rewards_by_flag_repeated_or_comma_separated_with_weights():
-    argv = merge_repeated_flags(["--reward", "jpeg_compressibility", "--max_steps", "3", "--reward", "ocr:0.5"])
-    assert argv == ["--reward", "jpeg_compressibility", "ocr:0.5", "--max_steps", "3"]
+def test_rewards_with_weights_and_options():
     rewards, weights = parse_rewards(["jpeg_compressibility,jpeg_incompressibility:2"], [])
     assert [reward.__name__ for reward in rewards] == ["jpeg_compressibility", "jpeg_incompressibility"]
     assert weights == [1.0, 2.0]

@@ -35,6 +35,7 @@ def test_sampler_kwargs_accept_json_from_the_command_line(tmp_path):
         ({"advantage_clip": 0.0}, "advantage_clip"),
         ({"beta": 0.0}, "beta"),
         ({"kl_coef": -1.0}, "kl_coef"),
+        ({"reference_refresh_steps": 10, "kl_coef": 0.0}, "reference_refresh_steps"),  # no KL: nothing to refresh
         ({"loss_type": "l1"}, "loss_type"),
         ({"train_timestep_fraction": 0.0}, "train_timestep_fraction"),
         ({"old_policy_decay_schedule": "cosine"}, "old_policy_decay_schedule"),
@@ -91,6 +92,9 @@ BAD_VALUES = {
     "overlap_reward_scoring": "yes",
     "per_device_rollout_batch_size": 0,
     "prompt_embedding_cache_size": -1,
+    "quantization": "int4",
+    "gguf_file": "flux1-dev-Q4_0.gguf",  # without quantization="gguf"
+    "quantize_text_encoders": True,  # without a quantization method
     "offload_text_encoders_and_vae": "yes",
     "video_reward_frames": 0,
     "video_reward_aggregation": "max",
@@ -100,6 +104,9 @@ BAD_VALUES = {
     "reward_timeout": 0.0,
     "beta": 0.0,
     "kl_coef": -1e-4,
+    "velocity_norm_penalty": -1.0,
+    "velocity_norm_margin": -0.1,
+    "reference_refresh_steps": -1,
     "loss_type": "l2",
     "negative_loss": "no",
     "train_timestep_fraction": 1.5,
@@ -134,3 +141,36 @@ def test_every_field_refuses_a_bad_value_naming_it(tmp_path):
         with pytest.raises(ValueError, match=rf"^{name}\b|\b{name}=") as error:
             NFTConfig(output_dir=str(tmp_path), gradient_accumulation_steps=2, **{name: value})
         assert "is invalid" in str(error.value) or name in str(error.value), (name, str(error.value))
+
+
+# TrainingArguments' numbers that transformers takes unchecked: a negative learning rate used to fail only when the
+# optimizer was built, a negative seed at the first rollout, a zero batch size with a ZeroDivisionError.
+INHERITED_BAD_VALUES = {
+    "learning_rate": -1e-4,
+    "weight_decay": -1.0,
+    "adam_beta1": 1.0,
+    "adam_beta2": -0.1,
+    "adam_epsilon": 0.0,
+    "max_grad_norm": -1.0,
+    "per_device_train_batch_size": 0,
+    "per_device_eval_batch_size": 0,
+    "gradient_accumulation_steps": 0,
+    "max_steps": -5,
+    "logging_steps": -1,
+    "save_steps": 0,
+    "eval_steps": -1,
+    "seed": -1,
+    "dataloader_num_workers": -1,
+}
+
+
+@pytest.mark.parametrize(("name", "value"), INHERITED_BAD_VALUES.items(), ids=list(INHERITED_BAD_VALUES))
+def test_inherited_numbers_are_checked_naming_the_field(tmp_path, name, value):
+    with pytest.raises(ValueError, match=rf"^{name}={value!r} is invalid: "):
+        NFTConfig(output_dir=str(tmp_path), **{name: value})
+
+
+def test_num_train_epochs_is_checked_when_it_decides_the_length(tmp_path):
+    with pytest.raises(ValueError, match=r"^num_train_epochs=0 is invalid"):
+        NFTConfig(output_dir=str(tmp_path), num_train_epochs=0)
+    NFTConfig(output_dir=str(tmp_path), num_train_epochs=0, max_steps=5)  # max_steps decides

@@ -157,6 +157,7 @@ def test_torch_compile_compiles_each_policys_blocks_once_and_trains_as_eager(
     request.addfinalizer(torch._dynamo.reset)  # the compiled graphs and their guards would slow every later test
     torch._dynamo.reset()
     counters.clear()
+    recompile_limit = torch._dynamo.config.recompile_limit
     warnings = []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: warnings.append(record.getMessage())
@@ -177,6 +178,7 @@ def test_torch_compile_compiles_each_policys_blocks_once_and_trains_as_eager(
     assert all(block._compiled_call_impl is not None for block in compiled.adapter.denoiser.transformer_blocks)
     assert not isinstance(compiled.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)  # not compiled twice
     assert not [message for message in warnings if "recompile_limit" in message]
+    assert torch._dynamo.config.recompile_limit == recompile_limit  # raised while training only
     # The first step makes the training graphs, the evaluation after it its own; nothing recompiles after that.
     assert graphs.per_step[0] > 0 and graphs.per_step[2:] == [graphs.per_step[1]] * 2
     for a, b in zip(graphs.after_first_step, eager._trained_params, strict=True):

@@ -5,13 +5,18 @@ import pytest
 import torch
 
 from trl_nft.objective import (
+    NOISE_LEVEL_BUCKETS,
     forward_process,
     group_advantages,
     kept_groups,
     nft_loss,
+    noise_level_means,
+    noise_level_sums,
     old_policy_decay,
     optimality_probability,
     soft_update_,
+    velocity_norm_hinge,
+    velocity_norm_ratio,
 )
 
 
@@ -281,3 +286,87 @@ def test_the_group_filter_drops_exactly_the_flat_and_the_solved_groups():
     assert kept_groups(rewards, 4, min_std=0.05).tolist() == [True, False, True, True, True]
     assert kept_groups(rewards, 4, max_mean=0.9).tolist() == [True, True, False, True, True]
     assert kept_groups(rewards, 4).all()
+
+
+def test_the_velocity_norm_ratio_equals_a_direct_computation():
+    """Per sample, the ratio of the L2 norms over the latent elements, against the reference when there is one, else
+    the old policy; and its means by noise-level bucket (low t < 1/3 <= mid < 2/3 <= high) over a fixed batch."""
+    clean, noise, sigmas, old, noisy, _ = _batch(seed=3, batch=6)
+    sigmas = torch.tensor([0.1, 0.2, 0.5, 0.7, 0.9, 1.0], dtype=torch.float64)
+    policy, reference = 1.1 * old + 0.1 * torch.randn_like(old), torch.randn_like(old)
+    r = torch.full((6,), 0.5, dtype=torch.float64)
+
+    def direct(anchor):
+        return np.array([np.linalg.norm(policy[i].numpy()) / np.linalg.norm(anchor[i].numpy()) for i in range(6)])
+
+    to_old = nft_loss(policy, old, noisy, clean, noise, sigmas, r).velocity_norm_ratio
+    to_reference = nft_loss(
+        policy, old, noisy, clean, noise, sigmas, r, reference_velocity=reference, kl_coef=1e-4
+    ).velocity_norm_ratio
+    np.testing.assert_allclose(to_old.numpy(), direct(old), rtol=1e-12)
+    np.testing.assert_allclose(to_reference.numpy(), direct(reference), rtol=1e-12)
+    np.testing.assert_allclose(velocity_norm_ratio(policy, old).numpy(), direct(old), rtol=1e-12)
+
+    ratios = direct(old)
+    means = noise_level_means(noise_level_sums(to_old, sigmas).tolist())
+    assert list(NOISE_LEVEL_BUCKETS) == ["low_noise", "mid_noise", "high_noise"]
+    expected = {
+        None: ratios.mean(),
+        "low_noise": ratios[:2].mean(),
+        "mid_noise": ratios[2],
+        "high_noise": ratios[3:].mean(),
+    }
+    assert means == pytest.approx(expected, rel=1e-12)
+    # Sums add up over times (and processes) before the division; an empty bucket is left out.
+    later = noise_level_sums(to_old[:2], sigmas[:2])
+    added = noise_level_means((noise_level_sums(to_old, sigmas) + later).tolist())
+    assert added["low_noise"] == pytest.approx(ratios[:2].mean()) and added["mid_noise"] == pytest.approx(ratios[2])
+    assert set(noise_level_means(later.tolist())) == {None, "low_noise"}
+
+
+def test_the_velocity_norm_penalty_acts_only_above_the_anchors_norm_and_pushes_the_norm_down():
+    """`w * mean_b relu(||v_theta|| - (1 + m) ||v_a||)^2`, norms as RMS over a sample's elements: zero (no gradient)
+    while the policy's norm is within (1 + m) of the anchor's, and above it a gradient step lowers the norm."""
+    clean, noise, sigmas, old, noisy, _ = _batch(seed=4)
+    r = torch.full((4,), 0.5, dtype=torch.float64)
+    direction = torch.randn_like(old)
+    scales = torch.tensor([0.9, 1.05, 1.2, 1.5], dtype=torch.float64).view(-1, 1, 1, 1)
+    policy = (scales * direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)).requires_grad_(True)
+    anchor = direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)  # unit L2 norms: ratios are the scales
+
+    hinge = velocity_norm_hinge(policy, anchor, margin=0.1)
+    size = anchor[0].numel()
+    expected = [0.0, 0.0, (0.2 - 0.1) ** 2 / size, (0.5 - 0.1) ** 2 / size]  # RMS = L2 / sqrt(size)
+    np.testing.assert_allclose(hinge.detach().numpy(), expected, rtol=1e-10, atol=1e-30)
+    assert velocity_norm_hinge(policy, anchor)[1].item() == pytest.approx(0.05**2 / size)  # no margin: 1.05 counts
+
+    (grad,) = torch.autograd.grad(hinge.sum(), policy)
+    assert torch.all(grad[:2] == 0)  # within the margin: nothing moves
+    flat_grad, flat_policy = grad[2:].flatten(1), policy[2:].detach().flatten(1)
+    cosine = torch.nn.functional.cosine_similarity(flat_grad, flat_policy, dim=1)
+    torch.testing.assert_close(cosine, torch.ones(2, dtype=torch.float64))  # along v_theta: descent shrinks it
+    stepped = policy.detach() - 1e-2 * grad / grad.flatten(1).norm(dim=1).clamp(min=1e-30).view(-1, 1, 1, 1)
+    assert torch.all(stepped[2:].flatten(1).norm(dim=1) < policy[2:].detach().flatten(1).norm(dim=1))
+
+    # In the NFT loss: against the old policy without a reference, against the reference with one.
+    weight = 3.0
+    without = nft_loss(policy, anchor, noisy, clean, noise, sigmas, r)
+    penalised = nft_loss(
+        policy, anchor, noisy, clean, noise, sigmas, r, velocity_norm_penalty=weight, velocity_norm_margin=0.1
+    )
+    assert penalised.velocity_norm.item() == pytest.approx(np.mean(expected))
+    assert penalised.loss.item() == pytest.approx(without.loss.item() + weight * np.mean(expected))
+    against_reference = nft_loss(
+        policy,
+        old,
+        noisy,
+        clean,
+        noise,
+        sigmas,
+        r,
+        reference_velocity=anchor,
+        kl_coef=1e-4,
+        velocity_norm_penalty=weight,
+        velocity_norm_margin=0.1,
+    )
+    assert against_reference.velocity_norm.item() == pytest.approx(np.mean(expected))

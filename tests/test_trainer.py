@@ -5,12 +5,14 @@ import threading
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from datasets import Dataset
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from transformers import TrainerCallback
 
 from trl_nft import DiffusionNFTTrainer, build_tiny_sd3
+from trl_nft.objective import NOISE_LEVEL_BUCKETS
 from trl_nft.prompt_cache import PromptEmbeddingCache
 
 
@@ -30,14 +32,20 @@ def test_train_logs_the_documented_metrics(make_config, prompts_dataset):
         "loss/positive",
         "loss/negative",
         "loss/kl",
+        "loss/velocity_norm",
         "optimality/mean",
         "frac_reward_zero_std",
         "old_policy_decay",
         "rollout/images_per_second",
         "train/sample_steps_per_second",
+        "velocity_norm_ratio",
     ]:
         assert key in logs[0] and math.isfinite(logs[0][key]), key
     assert [entry["old_policy_decay"] for entry in logs] == [0.001, 0.002]
+    # The first micro-step trains the initial policy, which is the reference: the ratio is 1 at every noise level.
+    buckets = [key for key in logs[0] if key.startswith("velocity_norm_ratio/")]
+    assert buckets and set(buckets) <= {f"velocity_norm_ratio/{name}" for name in NOISE_LEVEL_BUCKETS}
+    assert all(logs[0][key] == pytest.approx(1.0, abs=1e-5) for key in ["velocity_norm_ratio", *buckets])
 
 
 def test_trained_adapter_changes_and_old_adapter_follows_its_schedule(make_config, prompts_dataset):
@@ -392,11 +400,18 @@ def test_saved_lora_reproduces_the_trained_policy_in_a_fresh_pipeline(make_confi
 
 
 def _lora_weights(trainer):
-    return [p.detach().clone() for p in trainer._trained_params + trainer._old_params + trainer._ema_params]
+    params = trainer._trained_params + trainer._old_params + trainer._ema_params + trainer._reference_params
+    return [p.detach().clone() for p in params]
 
 
-def test_resume_matches_an_uninterrupted_run(make_config, prompts_dataset, tmp_path):
-    common = dict(save_strategy="steps", save_steps=2, learning_rate=1e-2, gradient_accumulation_steps=2)
+@pytest.mark.parametrize(
+    "overrides",
+    # Refreshed at step 2, in the checkpoint: the resumed steps 3 and 4 train against it (a strong KL weighs it).
+    [{}, {"reference_refresh_steps": 2, "kl_coef": 1.0}],
+    ids=["base-reference", "refreshed-reference"],
+)
+def test_resume_matches_an_uninterrupted_run(make_config, prompts_dataset, tmp_path, overrides):
+    common = dict(save_strategy="steps", save_steps=2, learning_rate=1e-2, gradient_accumulation_steps=2, **overrides)
     full = make_config(output_dir=str(tmp_path / "full"), max_steps=4, **common)
     uninterrupted = DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=full, train_dataset=prompts_dataset)
     uninterrupted.train()
@@ -410,6 +425,87 @@ def test_resume_matches_an_uninterrupted_run(make_config, prompts_dataset, tmp_p
     assert resumed.state.global_step == 4
     for a, b in zip(_lora_weights(resumed), _lora_weights(uninterrupted), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_peft", [True, False], ids=["lora", "full"])
+def test_a_refreshed_reference_is_the_policy_at_refresh_time(make_config, prompts_dataset, tmp_path, use_peft):
+    """With `reference_refresh_steps=2` the reference is the initial policy until step 2, the trained policy of step 2
+    from then on (its velocities are the trained policy's at that step), and the saved LoRA holds the trained adapter
+    only."""
+    config = make_config(
+        use_peft=use_peft, reference_refresh_steps=2, kl_coef=1e-2, learning_rate=1e-2, ema_decay=0.0, max_steps=3
+    )
+    trainer = DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
+    initial = [p.detach().clone() for p in trainer._trained_params]
+    seen = {}
+
+    class Watch(TrainerCallback):  # added after the trainer's own callbacks: sees the step's refresh done
+        def on_step_end(self, args, state, control, **kwargs):
+            trained = [p.detach().clone() for p in trainer._trained_params]
+            seen[state.global_step] = (trained, [p.detach().clone() for p in trainer._reference_params])
+            if state.global_step == 2:
+                seen["velocities"] = _policy_and_reference_velocities(trainer)
+
+    trainer.add_callback(Watch())
+    trainer.train()
+
+    for reference, first in zip(seen[1][1], initial, strict=True):
+        assert torch.equal(reference, first)
+    for step in (2, 3):  # the reference holds step 2's policy until the next refresh
+        for reference, trained in zip(seen[step][1], seen[2][0], strict=True):
+            assert torch.equal(reference, trained)
+    assert any(not torch.equal(a, b) for a, b in zip(seen[3][0], seen[2][0], strict=True))
+    policy, fused_reference, reference, base = seen["velocities"]
+    torch.testing.assert_close(fused_reference, policy, atol=1e-5, rtol=0)
+    torch.testing.assert_close(reference, policy, atol=1e-5, rtol=0)
+    assert (policy - base).abs().max() > 1e-3  # the policy has left the base model: the refresh changed something
+
+    if use_peft:
+        trainer.save_model(str(tmp_path / "lora"))
+        saved = safetensors.torch.load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
+        adapters = {name: p for name, p in trainer.model.named_parameters() if ".default." in name}
+        assert len(saved) == len(adapters) == len(trainer._reference_params)
+        for name, param in adapters.items():
+            assert torch.equal(saved["transformer." + name.replace(".default.", ".")], param.detach())
+
+
+def _policy_and_reference_velocities(trainer):
+    """On the latest rollout's latents: the trained policy's velocity, the reference's from the training step's frozen
+    forwards and from `_acting_as_reference`, and the base model's (the initial policy's, from a fresh model)."""
+    batch = trainer._buffered_inputs[0]
+    conditioning, noisy = batch["conditioning"], torch.randn_like(batch["latents"])
+    sigmas = torch.full((len(noisy),), 0.6)
+    sample = {"noisy": noisy, "sigmas": sigmas}
+    with torch.no_grad():
+        policy = trainer.adapter.predict_velocity(trainer.model, noisy, sigmas, conditioning)
+        trainer._frozen_velocities([sample], conditioning)
+        with trainer._acting_as_reference() as reference_model:
+            reference = trainer.adapter.predict_velocity(reference_model, noisy, sigmas, conditioning)
+        base = trainer.adapter.predict_velocity(build_tiny_sd3().transformer, noisy, sigmas, conditioning)
+    return policy, sample["reference_velocity"], reference, base
+
+
+def test_the_velocity_norm_penalty_reaches_the_loss_against_the_old_policy_without_kl(make_config, prompts_dataset):
+    """A trained adapter pushed away from the old one (a larger velocity norm): with `kl_coef=0` the ratio is logged
+    against the old policy, and the penalty adds its weight times the logged hinge to the loss."""
+
+    def first_log(**overrides):
+        config = make_config(max_steps=1, kl_coef=0.0, **overrides)
+        trainer = DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for param in trainer._trained_params:
+                param.add_(torch.randn(param.shape, generator=generator), alpha=0.3)
+        trainer.train()
+        return next(entry for entry in trainer.state.log_history if "loss" in entry)
+
+    plain, penalised = first_log(), first_log(velocity_norm_penalty=10.0)
+    assert "velocity_norm_ratio" not in plain and plain["velocity_norm_ratio_to_old"] > 1.05
+    assert plain["loss/velocity_norm"] > 0 and penalised["loss/velocity_norm"] == pytest.approx(
+        plain["loss/velocity_norm"]
+    )
+    assert penalised["loss/positive"] == pytest.approx(plain["loss/positive"])
+    assert penalised["loss"] == pytest.approx(plain["loss"] + 10.0 * plain["loss/velocity_norm"], rel=1e-5)
 
 
 def test_evaluate_uses_the_same_noise_every_time(make_config, prompts_dataset):

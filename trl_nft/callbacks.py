@@ -48,6 +48,9 @@ class SampleLoggingCallback(TrainerCallback):
             ]
             animation = os.path.join(folder, f"step_{state.global_step:06d}.gif")
             save_gif(frames, animation)
+        # Each tracker gets the grid at transformers' step, as its own callback logs the metrics: TensorBoard at
+        # `global_step`; W&B and Trackio with a `train/global_step` entry and their own step counter (an explicit
+        # `step=` can run ahead of that counter, and W&B then drops the metrics logged after it).
         for callback in self.trainer.callback_handler.callbacks:
             if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
                 callback.tb_writer.add_image("train/samples", np.asarray(grid), state.global_step, dataformats="HWC")
@@ -55,14 +58,14 @@ class SampleLoggingCallback(TrainerCallback):
             import wandb
 
             if wandb.run is not None:
-                logged = {"train/samples": wandb.Image(grid)}
+                logged = {"train/samples": wandb.Image(grid), "train/global_step": state.global_step}
                 if animation is not None:
                     logged["train/videos"] = wandb.Video(animation)
-                wandb.log(logged, step=state.global_step)
+                wandb.log(logged)
         if "trackio" in args.report_to:
             import trackio
 
-            trackio.log({"train/samples": trackio.Image(grid)}, step=state.global_step)
+            trackio.log({"train/samples": trackio.Image(grid), "train/global_step": state.global_step})
 
 
 class EarlyStoppingAtRewardCallback(TrainerCallback):

@@ -5,14 +5,15 @@ that runs it; register a new subcommand in `build_parser`.
 """
 
 import argparse
+import contextlib
 import importlib
-import importlib.resources as resources
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+from typing import NoReturn
 
 import torch
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="trl-nft", description="DiffusionNFT online RL for diffusion models.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_nft_parser(subparsers)
+    _add_estimate_memory_parser(subparsers)
     _add_reward_server_parser(subparsers)
     return parser
 
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["nft"]:  # everything after `nft` belongs to the training script's parser
         return nft(argv[1:])
+    if argv[:1] == ["estimate-memory"]:  # the run's flags, as `nft` takes them, and --gpu_memory
+        return estimate_memory(argv[1:])
     args = build_parser().parse_args(argv)
     return args.run(args) or 0
 
@@ -57,25 +61,24 @@ def nft(argv: list[str]) -> int:
 
     Ends with the training's exit code (128 + N when signal N ended it). SIGINT and SIGTERM reach the training
     process(es), which stop after the current optimizer step (a second SIGINT: at once), and the training never
-    outlives this process (`trl_nft.signals.exit_with_launcher`). See docs/reliability.md."""
+    outlives this process (`trl_nft.signals.exit_with_launcher`). See docs/reliability.md.
+
+    Every bad input is refused first, in one line, with exit code 2 (`trl_nft.preflight`)."""
+    from . import preflight
+
+    try:
+        script_argv, launch_args = preflight.check_launch(argv)
+    except (ValueError, OSError) as error:
+        _refuse(" ".join(str(error).split()))
     from accelerate.commands import launch as accelerate_launch
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    from .scripts import nft as script
     from .signals import LAUNCHER_PID_ENV
 
-    argv = script.with_model_preset(script.merge_repeated_flags(argv))
-    parser = script.make_parser(prog="trl nft")
-    try:  # parsed here first, so that bad flags and --help answer at once, before accelerate starts
-        script_args, training_args, config_remaining, cli_remaining = parser.parse_args_and_config(
-            argv, return_remaining_strings=True, separate_remaining_strings=True
-        )
-    except ValueError as error:
-        raise SystemExit(f"trl nft: {error}") from error
-    launch_args = _accelerate_config_file(config_remaining + cli_remaining)
-    script_argv = _without_subsequence(argv, cli_remaining)
-    launch_args = accelerate_launch.launch_command_parser().parse_args([*launch_args, script.__file__, *script_argv])
+    launch_parser = accelerate_launch.launch_command_parser()
+    launch_parser.error = _refuse  # a bad value of an accelerate flag: one line, not accelerate's usage
+    launch_args = launch_parser.parse_args([*launch_args, preflight.SCRIPT, *script_argv])
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())  # inherited by the training processes: they die with us
     # accelerate's single-process launcher neither forwards signals nor returns the exit code (it raises
     # CalledProcessError, a second traceback); ours, in its place, does both. Multi-process runs (and local DeepSpeed)
@@ -83,7 +86,8 @@ def nft(argv: list[str]) -> int:
     original_simple_launcher = accelerate_launch.simple_launcher
     accelerate_launch.simple_launcher = _simple_launcher
     try:
-        accelerate_launch.launch_command(launch_args)
+        with _without_accelerate_default_warning():
+            accelerate_launch.launch_command(launch_args)
     except ChildFailedError as error:  # each failed rank printed its own traceback
         _, failure = error.get_first_failure()
         return _exit_code(failure.exitcode)
@@ -96,11 +100,23 @@ def nft(argv: list[str]) -> int:
     return 0
 
 
+def _refuse(message: str) -> NoReturn:
+    """A bad input: one line on stderr, exit code 2 (as argparse)."""
+    print(f"trl nft: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def _simple_launcher(args: argparse.Namespace) -> None:
     """accelerate's `simple_launcher` (the same command and environment), but the training process runs in its own
     session and this process forwards SIGINT and SIGTERM to it; a failure exits with its exit code."""
     from accelerate.utils import prepare_simple_launcher_cmd_env
 
+    if (args.num_processes or 1) > 1 and args.mpirun_hostfile is None:  # accelerate would start one, silently
+        _refuse(
+            f"--num_processes {args.num_processes} asks for {args.num_processes} processes, but accelerate starts "
+            "only one without --multi_gpu: add --multi_gpu (on CPUs: --use_cpu --multi_gpu), or an "
+            "--accelerate_config that sets a distributed_type."
+        )
     command, env = prepare_simple_launcher_cmd_env(args)
     # Its own session, as torch.distributed.run starts its ranks: a Ctrl-C in the terminal then reaches this process
     # alone, which forwards it once. In our process group the training would get it twice, and a second SIGINT means
@@ -128,36 +144,94 @@ def _simple_launcher(args: argparse.Namespace) -> None:
         raise SystemExit(_exit_code(returncode))
 
 
+@contextlib.contextmanager
+def _without_accelerate_default_warning():
+    """Within this context, `accelerate launch` does not warn that it used its defaults when every value it lists is
+    the one a plain single-process run means (1 process, 1 machine, no mixed precision, no dynamo; the training sets
+    its own precision). Any other listed value (more GPUs found, CPU threads chosen) keeps the warning."""
+    launch_logger = logging.getLogger("accelerate.commands.launch")
+    plain = {
+        "`--num_processes` was set to a value of `1`",
+        "`--num_machines` was set to a value of `1`",
+        "`--mixed_precision` was set to a value of `'no'`",
+        "`--dynamo_backend` was set to a value of `'no'`",
+    }
+
+    def keep(record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("The following values were not passed to `accelerate launch`"):
+            return True
+        listed = {line.strip() for line in message.splitlines()[1:-1]}
+        return not listed <= plain
+
+    launch_logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        launch_logger.removeFilter(keep)
+
+
 def _exit_code(returncode: int) -> int:
     """A child's return code as a shell reports it: 128 + N for a child killed by signal N."""
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _accelerate_config_file(launch_args: list[str]) -> list[str]:
-    """`--accelerate_config NAME_OR_FILE` -> accelerate's `--config_file`: a file, or a config shipped with TRL
-    (`zero2`, `fsdp2`, `multi_gpu`, ...)."""
-    if "--accelerate_config" not in launch_args:
-        return launch_args
-    index = launch_args.index("--accelerate_config")
-    if index + 1 == len(launch_args):
-        raise SystemExit("trl nft: --accelerate_config needs a value (a config file or a TRL config name).")
-    name = launch_args[index + 1]
-    path = name if os.path.isfile(name) else str(resources.files("trl.accelerate_configs").joinpath(f"{name}.yaml"))
-    if not os.path.isfile(path):
-        raise SystemExit(f"trl nft: --accelerate_config {name!r} is neither a file nor one of TRL's configs.")
-    return ["--config_file", path, *launch_args[:index], *launch_args[index + 2 :]]
+# -------------------------------------------------------------------------------------------- estimate-memory
 
 
-def _without_subsequence(items: list[str], subsequence: list[str]) -> list[str]:
-    """`items` without the elements of `subsequence`, matched in order."""
-    remaining, pending = [], iter(subsequence)
-    current = next(pending, None)
-    for item in items:
-        if current is not None and item == current:
-            current = next(pending, None)
+def _add_estimate_memory_parser(subparsers) -> None:
+    # `main` hands the arguments to `estimate_memory`, whose parser is the training script's; this is for `--help`.
+    subparsers.add_parser(
+        "estimate-memory",
+        help="predict a run's peak GPU memory, offline (`trl-nft estimate-memory --help` lists every flag)",
+        add_help=False,
+    )
+
+
+def estimate_memory(argv: list[str]) -> int:
+    """Print the predicted peak GPU memory of one process of the run that `trl nft` with the same flags (`--config`,
+    `--model`, ...) would make, term by term (`trl_nft.memory`), and with `--gpu_memory GIB` whether it fits, else the
+    cheapest settings that do. Nothing is downloaded for the models whose configs ship with the package. The run is
+    taken in bf16 (a GPU's default) unless `--fp16` or `--bf16 false` says otherwise."""
+    from dataclasses import dataclass, field
+
+    from trl import TrlParser
+
+    from .memory import GIB, MemoryModel, MemorySettings, cheapest_fitting_settings
+    from .nft_config import NFTConfig
+    from .scripts.nft import NFTScriptArguments
+
+    @dataclass
+    class EstimateMemoryArguments:
+        gpu_memory: float | None = field(
+            default=None, metadata={"help": "GPU memory in GiB: says whether the run fits, else what would."}
+        )
+
+    flags = {token.split("=")[0] for token in argv}
+    defaults = [] if flags & {"--bf16", "--fp16"} else ["--bf16", "true"]  # a GPU's precision, on any machine
+    parser = TrlParser((NFTScriptArguments, NFTConfig, EstimateMemoryArguments), prog="trl-nft estimate-memory")
+    try:
+        script_args, config, estimate_args = parser.parse_args_and_config([*argv, *defaults, "--use_cpu", "true"])
+        settings = MemorySettings.from_config(config)
+        memory_model = MemoryModel(script_args.model_name_or_path, settings)
+    except ValueError as error:
+        raise SystemExit(f"trl-nft estimate-memory: {error}") from error
+    estimate = memory_model.estimate(settings)
+    print(f"{script_args.model_name_or_path} at {memory_model.resolution} px, {memory_model.text_tokens} text tokens:")
+    print(estimate.table())
+    if estimate_args.gpu_memory is not None:
+        found = cheapest_fitting_settings(memory_model, settings, int(estimate_args.gpu_memory * GIB))
+        if found is None:
+            print(f"Does not fit in {estimate_args.gpu_memory:g} GiB, even with every memory setting.")
+        elif not found[0]:
+            print(f"Fits in {estimate_args.gpu_memory:g} GiB as set.")
         else:
-            remaining.append(item)
-    return remaining
+            changes = " ".join(f"--{key} {value}" for key, value in found[0].items())
+            print(
+                f"Does not fit in {estimate_args.gpu_memory:g} GiB as set; the cheapest settings that fit: {changes} "
+                f"(predicted peak {found[1].peak / GIB:.1f} GiB)."
+            )
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- reward-server

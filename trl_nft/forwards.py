@@ -57,12 +57,10 @@ def repeat_batch(values: dict[str, torch.Tensor], times: int) -> dict[str, torch
     return {key: torch.cat([value] * times) for key, value in values.items()}
 
 
-def compile_repeated_blocks(module: nn.Module, **compile_kwargs) -> int:
-    """Compile, in place, each repeated block of the denoiser `module` (regional compilation: one graph serves every
-    block of a class, so compiling takes seconds, not minutes) and return how many. The blocks are the classes the model
-    names in diffusers' `_repeated_blocks`, else the entries of every `nn.ModuleList` of two or more modules of one
-    class (SD3's `transformer_blocks`, SANA's, ...), outermost first. In place, so the pipeline's rollouts, the frozen
-    forwards and the training forward all run the compiled blocks; `compile_kwargs` go to `torch.compile`."""
+def repeated_blocks(module: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of the denoiser `module`, outermost first (a block inside another is left out): the classes
+    the model names in diffusers' `_repeated_blocks`, else the entries of every `nn.ModuleList` of two or more modules
+    of one class (SD3's `transformer_blocks`, SANA's, ...)."""
     named = set(getattr(module, "_repeated_blocks", None) or ())
     if named:
         candidates = [m for m in module.modules() if type(m).__name__ in named]
@@ -73,19 +71,42 @@ def compile_repeated_blocks(module: nn.Module, **compile_kwargs) -> int:
             if isinstance(blocks, nn.ModuleList) and len(blocks) > 1 and len({type(block) for block in blocks}) == 1
             for block in blocks
         ]
-    # Dynamo keeps one graph per block structure (SD3.5-Medium: dual-attention, plain and last blocks) and policy state
-    # (the rollout's old adapter, the frozen policies' mixed batch, the trained adapter with gradients, evaluation):
-    # 12 for SD3.5-Medium, past dynamo's default of 8 graphs per function, beyond which it would run the rest eagerly.
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    compiled, inside = 0, set()
-    for block in candidates:  # parents come before their children: a compiled block's own blocks stay as they are
+    outermost, inside = [], set()
+    for block in candidates:  # parents come before their children
         if id(block) not in inside:
-            block.compile(**compile_kwargs)
-            compiled += 1
+            outermost.append(block)
             inside.update(id(m) for m in block.modules())
+    return outermost
+
+
+def compile_repeated_blocks(module: nn.Module, **compile_kwargs) -> int:
+    """Compile, in place, each repeated block of the denoiser `module` (regional compilation: one graph serves every
+    block of a class, so compiling takes seconds, not minutes) and return how many. The blocks are the classes the model
+    names in diffusers' `_repeated_blocks`, else the entries of every `nn.ModuleList` of two or more modules of one
+    class (SD3's `transformer_blocks`, SANA's, ...), outermost first. In place, so the pipeline's rollouts, the frozen
+    forwards and the training forward all run the compiled blocks; `compile_kwargs` go to `torch.compile`. Run them
+    within `compiled_blocks_settings`."""
+    blocks = repeated_blocks(module)
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    compiled = len(blocks)
     if not compiled:
         raise ValueError(
             f"torch_compile: {type(module).__name__} has no repeated blocks to compile (no `_repeated_blocks` and no "
             "list of identical blocks); run without torch_compile."
         )
     return compiled
+
+
+#: Graphs dynamo may keep per compiled block: one per block structure (SD3.5-Medium: dual-attention, plain and last
+#: blocks) and policy state (the rollout's old adapter, the frozen policies' mixed batch, the trained adapter with
+#: gradients, evaluation), 12 for SD3.5-Medium, past dynamo's default of 8, beyond which it would run the rest eagerly.
+RECOMPILE_LIMIT = 64
+
+
+def compiled_blocks_settings(compiled: bool):
+    """A context in which blocks compiled by `compile_repeated_blocks` (when `compiled`) keep all their graphs: dynamo's
+    `recompile_limit` raised to `RECOMPILE_LIMIT`, and restored when it ends (it is a setting of the whole process)."""
+    if not compiled:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(recompile_limit=max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT))

@@ -2,19 +2,23 @@
 functions and the dataset columns they need, and prompts the text encoders will truncate. Each problem is a clear
 error naming the argument and the fix (or, for long prompts, one warning with the count)."""
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from datasets import Dataset
 from transformers.utils import logging
 
 from .conditions import CONDITION_COLUMN, CONDITION_IMAGES_KEYWORD
-from .models import DiffusionAdapter
 from .rewards import RewardFunc, get_reward, needs_condition_images, required_columns, reward_name
 from .rewards.base import RESERVED_KEYWORDS
 
 
-logger = logging.get_logger(__name__)
+# `trl nft` runs the column checks before it launches, on the columns alone, without importing the model families.
+if TYPE_CHECKING:
+    from .models import DiffusionAdapter
 
+
+logger = logging.get_logger(__name__)
 
 
 def check_prompt_dataset(dataset: Dataset | None, name: str, min_rows: int) -> None:
@@ -22,15 +26,7 @@ def check_prompt_dataset(dataset: Dataset | None, name: str, min_rows: int) -> N
         raise ValueError(f"{name} is required: a datasets.Dataset with a 'prompt' column.")
     if not hasattr(dataset, "column_names") or not hasattr(dataset, "__len__"):
         raise ValueError(f"{name} must be a datasets.Dataset with a 'prompt' column, got {type(dataset).__name__}.")
-    reserved = [column for column in dataset.column_names if column in RESERVED_KEYWORDS]
-    if reserved:
-        raise ValueError(
-            f"{name} has a column named {reserved[0]!r}, a name the reward functions already receive as a keyword "
-            f"(reserved: {', '.join(RESERVED_KEYWORDS)}); rename the column, e.g. dataset.rename_column({reserved[0]!r}, "
-            f"'{reserved[0]}_column')."
-        )
-    if "prompt" not in dataset.column_names:
-        raise ValueError(f"{name} has no 'prompt' column (columns: {dataset.column_names}); rename the prompt column.")
+    check_prompt_columns(dataset.column_names, name)
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty: it needs at least one prompt.")
     if len(dataset) < min_rows:
@@ -38,6 +34,20 @@ def check_prompt_dataset(dataset: Dataset | None, name: str, min_rows: int) -> N
             f"{name} has {len(dataset)} prompts but one optimizer step needs {min_rows} (images per step / "
             "num_generations); add prompts or lower per_device_train_batch_size or gradient_accumulation_steps."
         )
+
+
+def check_prompt_columns(column_names: Sequence[str], name: str) -> None:
+    """A `ValueError` naming `name` when a prompt dataset with these columns has no `prompt` column or a column named
+    like a keyword the rewards receive."""
+    reserved = [column for column in column_names if column in RESERVED_KEYWORDS]
+    if reserved:
+        raise ValueError(
+            f"{name} has a column named {reserved[0]!r}, a name the reward functions already receive as a keyword "
+            f"(reserved: {', '.join(RESERVED_KEYWORDS)}); rename the column, e.g. dataset.rename_column({reserved[0]!r}, "
+            f"'{reserved[0]}_column')."
+        )
+    if "prompt" not in column_names:
+        raise ValueError(f"{name} has no 'prompt' column (columns: {list(column_names)}); rename the prompt column.")
 
 
 def check_reward_columns(dataset: Dataset, dataset_name: str, funcs: list[RewardFunc], names: list[str]) -> None:
@@ -73,7 +83,7 @@ def resolve_reward_funcs(reward_funcs) -> tuple[list[Callable], list[str]]:
     return resolved, names
 
 
-def warn_about_long_prompts(adapter: DiffusionAdapter, dataset: Dataset, most: int = 20_000) -> None:
+def warn_about_long_prompts(adapter: "DiffusionAdapter", dataset: Dataset, most: int = 20_000) -> None:
     """One warning for the prompts of `dataset` that `adapter`'s text encoders will truncate (the pipeline's own warnings, one per encoding
     call, are silenced), counted over the first `most` distinct prompts."""
     prompts = list(dict.fromkeys(dataset["prompt"][:most]))

@@ -1,22 +1,38 @@
 """Configuration of the `DiffusionNFTTrainer`."""
 
+import contextlib
+import contextvars
 import functools
 import inspect
 import json
 import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 
-import diffusers
 import torch
-from diffusers import SchedulerMixin
 from transformers import TrainingArguments
 
-from .checkpointing import resolve_resume_checkpoint
 from .objective import DECAY_SCHEDULES, LOSS_TYPES, REWARD_SCALES
 from .rewards.scoring import FAILURE_POLICIES
 from .rewards.video import FRAME_AGGREGATIONS
+
+
+# The processes of a launch that has not started them yet (`launching`): a rollout must divide into groups on them.
+_LAUNCH_PROCESSES: contextvars.ContextVar[tuple[int | None] | None] = contextvars.ContextVar("launch", default=None)
+
+
+@contextlib.contextmanager
+def launching(processes: int | None) -> Iterator[None]:
+    """Within this context, an `NFTConfig` checks that a rollout divides into groups of `num_generations` for a launch
+    of `processes` processes, not for the running one (`trl nft` checks a config before accelerate starts them);
+    `None`, a count not known yet, leaves that check to the training processes."""
+    token = _LAUNCH_PROCESSES.set((processes,))
+    try:
+        yield
+    finally:
+        _LAUNCH_PROCESSES.reset(token)
 
 
 @dataclass
@@ -90,7 +106,20 @@ class NFTConfig(TrainingArguments):
         the training forward alone: the rollouts, the old and reference forwards and the training forward all run
         the compiled blocks. Each policy switch (trained, old, no adapter) compiles once, in the first step.
 
-    > Parameters that control the rewards
+    > Parameters that control memory (see docs/memory.md and `trl-nft estimate-memory`)
+
+    quantization (`str` or `None`, *optional*, defaults to `None`):
+        Load the frozen denoiser quantized, through diffusers' quantization configs, and train LoRA adapters on it
+        (`trl_nft.quantization`): `"nf4"` or `"int8"` (bitsandbytes, CUDA GPU), `"int8-weight-only"` (torchao, CPU
+        and GPU), `"fp8-weight-only"` (torchao; on a GPU, compute capability 8.9 or newer) or `"gguf"` (the
+        `gguf_file` checkpoint). The old adapter and the reference (adapters off) run on the same quantized weights.
+        `"int8-dynamic"` is accepted here and refused by the trainer (its outputs carry no gradient), as are
+        bitsandbytes without a CUDA GPU and `use_peft=False`. `None`: the weights in the mixed-precision dtype.
+    gguf_file (`str` or `None`, *optional*, defaults to `None`):
+        With `quantization="gguf"` (and only then): the `.gguf` file of the denoiser, as diffusers' `from_single_file`
+        loads it (e.g. a Q4_0 or Q8_0 FLUX.1-dev); the other components come from `model`.
+    quantize_text_encoders (`bool`, *optional*, defaults to `False`):
+        Quantize the text encoders with the same method (not with `"gguf"`, whose file holds the denoiser only).
 
     reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
         Weight of each reward function in the summed reward. `None` weighs every function `1.0`.
@@ -138,6 +167,19 @@ class NFTConfig(TrainingArguments):
     kl_coef (`float`, *optional*, defaults to `1e-4`):
         Weight of the penalty `mean((v_theta - v_ref)^2)` toward the frozen base model. `0.0` skips the reference
         forward pass entirely.
+    velocity_norm_penalty (`float`, *optional*, defaults to `0.0`):
+        Weight `w` of NormGuard's hinge on velocity-norm inflation: the loss adds
+        `w * mean_b relu(||v_theta|| - (1 + m) ||v_ref||)^2` (`m` = `velocity_norm_margin`; norms are a sample's RMS
+        over its latent elements), against the old policy's `v_old` instead of `v_ref` when `kl_coef` is 0. It acts
+        only when the policy's velocity norm exceeds the anchor's; logged as `loss/velocity_norm` (the hinge's mean,
+        before `w`). `0.0`: off.
+    velocity_norm_margin (`float`, *optional*, defaults to `0.0`):
+        Margin `m` of the velocity-norm hinge: the policy's norm may exceed the anchor's by this fraction for free.
+    reference_refresh_steps (`int`, *optional*, defaults to `0`):
+        Every this many optimizer steps the reference of the KL penalty becomes the current policy (GARDO's refreshed
+        reference): the penalty then bounds the drift since the last refresh, not from the base model. With LoRA, a
+        third adapter `"ref"` (never merged into the base; the saved LoRA holds the trained adapter only); fully
+        fine-tuned, the reference copy. Needs `kl_coef > 0`. `0`: off (the reference is the base model).
     loss_type (`str`, *optional*, defaults to `"x0_adaptive"`):
         `"x0_adaptive"`: the released code's x0-space regression with adaptive weighting (stable); `"velocity"`: the
         paper's plain velocity loss.
@@ -230,7 +272,7 @@ class NFTConfig(TrainingArguments):
     lr_scheduler_type: str = field(
         default="constant", metadata={"help": "Learning-rate schedule (none in the paper)."}
     )
-    logging_steps: float = field(default=1, metadata={"help": "Log every X optimizer steps."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X optimizer steps (and the last), as TRL."})
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep every dataset column: they reach the reward functions."}
     )
@@ -307,6 +349,19 @@ class NFTConfig(TrainingArguments):
             "help": "Prompts whose text conditioning is kept for later rollouts (least recently used out); 0: none."
         },
     )
+    quantization: str | None = field(
+        default=None,
+        metadata={
+            "help": "Quantize the frozen denoiser: 'nf4', 'int8' (bitsandbytes, GPU), 'int8-weight-only', "
+            "'fp8-weight-only' (torchao) or 'gguf' (with gguf_file); LoRA trains on top. None: no quantization."
+        },
+    )
+    gguf_file: str | None = field(
+        default=None, metadata={"help": "With quantization='gguf': the .gguf file of the denoiser."}
+    )
+    quantize_text_encoders: bool = field(
+        default=False, metadata={"help": "Quantize the text encoders too, with the same method (not 'gguf')."}
+    )
 
     # Rewards
     reward_weights: list[float] | None = field(
@@ -347,6 +402,15 @@ class NFTConfig(TrainingArguments):
     # NFT update
     beta: float = field(default=1.0, metadata={"help": "NFT strength beta of the implicit policies."})
     kl_coef: float = field(default=1e-4, metadata={"help": "Weight of the penalty toward the base model (0: off)."})
+    velocity_norm_penalty: float = field(
+        default=0.0, metadata={"help": "Weight of the hinge on ||v_theta|| above (1 + margin) ||v_ref|| (0: off)."}
+    )
+    velocity_norm_margin: float = field(
+        default=0.0, metadata={"help": "Fraction by which ||v_theta|| may exceed ||v_ref|| before the hinge acts."}
+    )
+    reference_refresh_steps: int = field(
+        default=0, metadata={"help": "Every N optimizer steps the KL reference becomes the current policy (0: off)."}
+    )
     loss_type: str = field(default="x0_adaptive", metadata={"help": "'x0_adaptive' (released code) or 'velocity'."})
     negative_loss: bool = field(
         default=True, metadata={"help": "Keep the negative term of the loss (False: the paper's ablation)."}
@@ -428,6 +492,27 @@ class NFTConfig(TrainingArguments):
             if name != "sampler":
                 expected = _expected_type(getattr(self, name), annotation)
                 check(expected is None, name, f"it must be {expected}")
+        # TrainingArguments' numbers that transformers takes unchecked (a negative learning rate fails only when the
+        # optimizer is built, a seed out of range at the first rollout).
+        check(
+            math.isfinite(self.learning_rate) and self.learning_rate >= 0,
+            "learning_rate",
+            "it must be 0 or positive (AdamW's step size)",
+        )
+        check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", "it must be 0 or positive")
+        check(0 <= self.adam_beta1 < 1, "adam_beta1", "it must be in [0, 1)")
+        check(0 <= self.adam_beta2 < 1, "adam_beta2", "it must be in [0, 1)")
+        check(math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0, "adam_epsilon", "it must be positive")
+        check(self.max_grad_norm >= 0, "max_grad_norm", "it must be positive, or 0 for no gradient clipping")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            check(getattr(self, name) >= 1, name, "it must be at least 1")
+        check(self.max_steps == -1 or self.max_steps >= 1, "max_steps", "give a number of steps, or -1 (epochs)")
+        check(self.max_steps >= 1 or self.num_train_epochs > 0, "num_train_epochs", "it must be positive")
+        check(self.logging_steps > 0, "logging_steps", "it must be positive (a fraction of the run when below 1)")
+        check(self.save_strategy != "steps" or self.save_steps > 0, "save_steps", "it must be positive")
+        check(self.eval_steps is None or self.eval_steps > 0, "eval_steps", "it must be positive, or None")
+        check(0 <= self.seed < 2**32, "seed", "it must be in [0, 2**32)")
+        check(self.dataloader_num_workers >= 0, "dataloader_num_workers", "it must be 0 (the main process) or more")
         check(self.num_generations >= 2, "num_generations", "a group needs at least 2 images to compare")
         check(self.num_inference_steps >= 1, "num_inference_steps", "it must be at least 1")
         check(self.guidance_scale >= 1.0, "guidance_scale", "use 1.0 for CFG-free sampling or a value above 1")
@@ -440,6 +525,24 @@ class NFTConfig(TrainingArguments):
             "it must be at least 1 (or None: per_device_train_batch_size)",
         )
         check(self.prompt_embedding_cache_size >= 0, "prompt_embedding_cache_size", "it must be 0 (off) or more")
+        if self.quantization is not None:  # imports diffusers: `trl nft` checks other configs without importing it
+            from .quantization import QUANTIZATION_METHODS
+
+            check(
+                self.quantization in QUANTIZATION_METHODS,
+                "quantization",
+                f"choose one of {QUANTIZATION_METHODS}, or None",
+            )
+        check(
+            (self.gguf_file is not None) == (self.quantization == "gguf"),
+            "gguf_file",
+            "give the .gguf file of the denoiser with quantization='gguf', and only then",
+        )
+        check(
+            not self.quantize_text_encoders or self.quantization is not None,
+            "quantize_text_encoders",
+            "it needs a quantization method (quantization=...)",
+        )
         check(
             self.video_reward_frames is None or self.video_reward_frames >= 1,
             "video_reward_frames",
@@ -476,6 +579,14 @@ class NFTConfig(TrainingArguments):
         )
         check(self.beta > 0, "beta", "it must be positive")
         check(self.kl_coef >= 0, "kl_coef", "it must be 0 (off) or positive")
+        check(self.velocity_norm_penalty >= 0, "velocity_norm_penalty", "it must be 0 (off) or positive")
+        check(self.velocity_norm_margin >= 0, "velocity_norm_margin", "it must be 0 or positive")
+        check(self.reference_refresh_steps >= 0, "reference_refresh_steps", "it must be 0 (off) or positive")
+        check(
+            self.reference_refresh_steps == 0 or self.kl_coef > 0,
+            "reference_refresh_steps",
+            "the reference serves only the KL penalty: set kl_coef > 0, or reference_refresh_steps=0",
+        )
         check(self.loss_type in LOSS_TYPES, "loss_type", f"choose one of {LOSS_TYPES}")
         check(0 < self.train_timestep_fraction <= 1, "train_timestep_fraction", "it must be in (0, 1]")
         check(
@@ -528,7 +639,7 @@ class NFTConfig(TrainingArguments):
         for name in ("sampler", "eval_sampler"):
             sampler = getattr(self, name)
             check(
-                sampler is None or isinstance(sampler, SchedulerMixin) or _is_scheduler_class_name(sampler),
+                sampler is None or _is_scheduler(sampler),
                 name,
                 "give a diffusers scheduler class name, such as 'DPMSolverMultistepScheduler' or "
                 "'FlowMatchEulerDiscreteScheduler', or None for the default",
@@ -542,14 +653,21 @@ class NFTConfig(TrainingArguments):
             f"it must be a multiple of gradient_accumulation_steps={self.gradient_accumulation_steps} (whole optimizer "
             "steps per rollout)",
         )
-        if self.images_per_rollout % self.num_generations != 0:
+        launch = _LAUNCH_PROCESSES.get()
+        processes = self.world_size if launch is None else launch[0]
+        images = (
+            None if processes is None else self.per_device_train_batch_size * processes * self.steps_per_generation
+        )
+        if images is not None and images % self.num_generations != 0:
             raise ValueError(
                 f"The images of one rollout (per_device_train_batch_size={self.per_device_train_batch_size} x "
-                f"{self.world_size} processes x steps_per_generation={self.steps_per_generation} = "
-                f"{self.images_per_rollout}) must divide into groups of num_generations={self.num_generations}. "
-                "Change one of these so that the product is a multiple of num_generations."
+                f"{processes} processes x steps_per_generation={self.steps_per_generation} = {images}) must divide "
+                f"into groups of num_generations={self.num_generations}. Change one of these so that the product is a "
+                "multiple of num_generations."
             )
         if self.resume_from_checkpoint is not None:  # a checkpoint that is missing fails now, before the model loads
+            from .checkpointing import resolve_resume_checkpoint
+
             resolve_resume_checkpoint(self.resume_from_checkpoint, self.output_dir)
 
     def to_dict(self) -> dict:
@@ -620,9 +738,14 @@ def _expected_type(value, annotation) -> str | None:
     return " or ".join(described)
 
 
-def _is_scheduler_class_name(name) -> bool:
+def _is_scheduler(sampler) -> bool:
+    """Whether `sampler` is a diffusers scheduler, or the name of a diffusers scheduler class."""
+    import diffusers
+
+    if isinstance(sampler, diffusers.SchedulerMixin):
+        return True
     return (
-        isinstance(name, str)
-        and inspect.isclass(getattr(diffusers, name, None))
-        and issubclass(getattr(diffusers, name), SchedulerMixin)
+        isinstance(sampler, str)
+        and inspect.isclass(getattr(diffusers, sampler, None))
+        and issubclass(getattr(diffusers, sampler), diffusers.SchedulerMixin)
     )

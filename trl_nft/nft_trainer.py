@@ -20,7 +20,6 @@ from diffusers import DiffusionPipeline
 from diffusers.configuration_utils import FrozenDict
 from peft import LoraConfig
 from PIL import Image
-from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import TrainerState
@@ -42,11 +41,19 @@ from .conditions import (
     reward_columns,
     row_condition_images,
 )
+from .console import rollout_progress_bar, use_short_console_logs
 from .embedded import EMBEDDED_MODELS
 from .faults import NonFiniteStepGuard, explain_out_of_memory
-from .forwards import BASE_MODEL, compile_repeated_blocks, mixed_adapter_batch, repeat_batch, weights_dtype_forward
+from .forwards import (
+    BASE_MODEL,
+    compile_repeated_blocks,
+    compiled_blocks_settings,
+    mixed_adapter_batch,
+    repeat_batch,
+    weights_dtype_forward,
+)
 from .inputs import check_prompt_dataset, check_reward_columns, resolve_reward_funcs, warn_about_long_prompts
-from .model_card import final_reward_values, write_model_card
+from .model_card import write_trainer_model_card
 from .models import get_adapter, load_pipeline, resolve_model_name
 from .nft_config import NFTConfig
 from .objective import (
@@ -56,6 +63,8 @@ from .objective import (
     group_reward_std,
     kept_groups,
     nft_loss,
+    noise_level_means,
+    noise_level_sums,
     old_policy_decay,
     optimality_probability,
     soft_update_,
@@ -63,6 +72,7 @@ from .objective import (
 from .offload import IdleOffload
 from .policy_files import load_policy, save_policy
 from .prompt_cache import prompt_embedding_cache
+from .quantization import Quantization
 from .randomness import (
     EVALUATION_NOISE,
     ROLLOUT_NOISE,
@@ -71,6 +81,7 @@ from .randomness import (
     per_sample_randn,
     sample_generators,
 )
+from .reference import REFERENCE_ADAPTER, REFERENCE_POLICY_DIR, ReferenceRefreshCallback
 from .rewards import RewardFunc, RewardModel
 from .rewards.scoring import RewardFailurePolicy, score_samples
 
@@ -205,7 +216,10 @@ class DiffusionNFTTrainer(Trainer):
 
         # The pipeline: frozen weights in the mixed-precision dtype, trained weights in float32.
         weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        self.pipeline = load_pipeline(model, torch_dtype=weight_dtype)
+        quantization = Quantization.from_config(args, use_lora=args.use_peft or peft_config is not None)
+        # A pipeline passed in keeps its own scheduler and progress bars: the trainer sets its own on a shallow copy,
+        # which shares the components (docs/trainer.md, "A pipeline passed in", says what training changes in them).
+        self.pipeline = copy.copy(load_pipeline(model, torch_dtype=weight_dtype, quantization=quantization))
         self.base_model_id, self.base_model_path = _base_model(model, self.pipeline)  # for the model card
         self.pipeline.set_progress_bar_config(disable=True)
         self.adapter = get_adapter(
@@ -251,6 +265,7 @@ class DiffusionNFTTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        use_short_console_logs(self.callback_handler)
         launched = max(args.world_size, int(os.environ.get("WORLD_SIZE", 1)))  # torchrun's count, whatever the state
         if launched > 1 and self.accelerator.distributed_type == DistributedType.NO:
             # Otherwise each process would run its own copy of the training, silently.
@@ -284,6 +299,9 @@ class DiffusionNFTTrainer(Trainer):
         self._ema_params = [p.detach().clone() for p in self._trained_params] if args.ema_decay > 0 else None
         self._metrics: dict[str, list[float]] = defaultdict(list)  # gathered here, averaged at each log
         self.add_callback(SoftUpdatesCallback(self))
+        if args.reference_refresh_steps:
+            every = args.reference_refresh_steps
+            self.add_callback(ReferenceRefreshCallback(self._trained_params, self._reference_params, every))
         self.add_callback(NonFiniteStepGuard(self._trained_params, args.max_nonfinite_steps, self._metrics))
         if args.sample_logging_steps:
             self.add_callback(SampleLoggingCallback(self, args.sample_logging_steps, args.sample_logging_num_images))
@@ -304,15 +322,18 @@ class DiffusionNFTTrainer(Trainer):
         self._step = 0  # micro-steps taken, to know when a new rollout is due
         self._buffered_inputs: list[dict] | None = None
         self._loss_parts: list[torch.Tensor] = []  # per time, reduced to metrics once per micro-step
+        self._norm_ratio_sums: list[torch.Tensor] = []  # per time, likewise
 
     # ------------------------------------------------------------------ set-up
 
     def _setup_policies(self, denoiser: torch.nn.Module, args: NFTConfig, peft_config: LoraConfig | None) -> None:
         """Trained, old and reference policies. With LoRA they share one denoiser: two adapters (trained + old), and
-        the reference is the denoiser with adapters disabled. Fully fine-tuned, the old policy is an EMA copy and the
-        reference a frozen copy (only when `kl_coef > 0`)."""
+        the reference is the denoiser with adapters disabled (with `reference_refresh_steps`, a third adapter). Fully
+        fine-tuned, the old policy is an EMA copy and the reference a frozen copy (only when `kl_coef > 0`)."""
         self.use_lora = args.use_peft or peft_config is not None
         self.old_model = self.ref_model = None
+        refreshed = args.reference_refresh_steps > 0  # needs kl_coef > 0 (NFTConfig checks)
+        self._reference_adapter = REFERENCE_ADAPTER if refreshed else BASE_MODEL
         if self.use_lora:
             self.lora_config = peft_config or LoraConfig(
                 r=args.lora_r,
@@ -325,12 +346,19 @@ class DiffusionNFTTrainer(Trainer):
             with warnings.catch_warnings():  # PEFT warns about a second adapter, which is the design here
                 warnings.filterwarnings("ignore", message=".*multiple adapters.*")
                 denoiser.add_adapter(copy.deepcopy(self.lora_config), adapter_name=TRAINED_ADAPTER)
+                if refreshed:  # added last, so that the trained adapter's initialisation is that of any other run
+                    denoiser.add_adapter(copy.deepcopy(self.lora_config), adapter_name=REFERENCE_ADAPTER)
             denoiser.set_adapter(TRAINED_ADAPTER)
             names = dict(denoiser.named_parameters())
             trained = [n for n in names if f".{TRAINED_ADAPTER}." in n]
-            self._trained_params = [names[n] for n in trained]
-            self._old_params = [names[n.replace(f".{TRAINED_ADAPTER}.", f".{OLD_ADAPTER}.")] for n in trained]
-            for param in self._trained_params + self._old_params:
+
+            def params_of(adapter_name: str) -> list[torch.Tensor]:
+                return [names[n.replace(f".{TRAINED_ADAPTER}.", f".{adapter_name}.")] for n in trained]
+
+            self._trained_params = params_of(TRAINED_ADAPTER)
+            self._old_params = params_of(OLD_ADAPTER)
+            self._reference_params = params_of(REFERENCE_ADAPTER) if refreshed else []
+            for param in self._trained_params + self._old_params + self._reference_params:
                 param.data = param.data.float()
         else:
             self.lora_config = None
@@ -340,7 +368,10 @@ class DiffusionNFTTrainer(Trainer):
                 self.ref_model = copy.deepcopy(denoiser).requires_grad_(False)
             self._trained_params = list(denoiser.parameters())
             self._old_params = list(self.old_model.parameters())
+            self._reference_params = list(self.ref_model.parameters()) if refreshed else []
         soft_update_(self._old_params, self._trained_params, decay=0.0)  # the old policy starts as a copy
+        if refreshed:  # and so does a refreshed reference
+            soft_update_(self._reference_params, self._trained_params, decay=0.0)
 
     def _build_accelerator_args(self, **kwargs) -> dict:
         # `torch_compile` compiled the denoiser's blocks in place (see __init__); accelerate compiles nothing more.
@@ -421,12 +452,8 @@ class DiffusionNFTTrainer(Trainer):
         """Within this context the pipeline's denoiser is the old (sampling) policy, in eval mode (no LoRA dropout)."""
         denoiser = self.adapter.denoiser
         if self.use_lora:
-            denoiser.set_adapter(OLD_ADAPTER)
-            with _eval_mode(denoiser):
-                try:
-                    yield denoiser
-                finally:
-                    denoiser.set_adapter(TRAINED_ADAPTER)
+            with self._acting_as_adapter(OLD_ADAPTER):
+                yield denoiser
         else:
             setattr(self.pipeline, self.adapter.denoiser_name, self.old_model)
             try:
@@ -435,9 +462,24 @@ class DiffusionNFTTrainer(Trainer):
                 setattr(self.pipeline, self.adapter.denoiser_name, denoiser)
 
     @contextlib.contextmanager
+    def _acting_as_adapter(self, adapter_name: str):
+        """Within this context the denoiser runs the frozen LoRA adapter `adapter_name`, in eval mode."""
+        denoiser = self.adapter.denoiser
+        denoiser.set_adapter(adapter_name)
+        with _eval_mode(denoiser):
+            try:
+                yield denoiser
+            finally:
+                denoiser.set_adapter(TRAINED_ADAPTER)
+
+    @contextlib.contextmanager
     def _acting_as_reference(self):
-        """Within this context, the yielded module is the frozen base model."""
-        if self.use_lora:
+        """Within this context, the yielded module is the reference: the frozen base model, or with
+        `reference_refresh_steps` the policy of the latest refresh (`trl_nft.reference`)."""
+        if self.use_lora and self._reference_params:
+            with self._acting_as_adapter(REFERENCE_ADAPTER) as denoiser:
+                yield denoiser
+        elif self.use_lora:
             denoiser = self.adapter.denoiser
             denoiser.disable_adapters()
             try:
@@ -476,8 +518,8 @@ class DiffusionNFTTrainer(Trainer):
         latents, images, scored = [], [], []
         show = not self.args.disable_tqdm and self.accelerator.is_local_main_process
         with (
-            tqdm(total=len(rows), desc="Sampling", unit="img", leave=False, disable=not show) as sampling_bar,
-            tqdm(total=len(rows), desc="Scoring", unit="img", leave=False, disable=not show) as scoring_bar,
+            rollout_progress_bar(len(rows), "Sampling", show) as sampling_bar,
+            rollout_progress_bar(len(rows), "Scoring", show) as scoring_bar,
             weights_dtype_forward(self.adapter.denoiser),  # latents stay in the mixed-precision dtype
             self._float32_weights_autocast(),
         ):
@@ -688,11 +730,20 @@ class DiffusionNFTTrainer(Trainer):
                 self.accelerator.backward(loss * scale)
             total += loss.detach() * scale
 
-        # Loss parts: mean over times on this process, then over processes; one host sync per micro-step.
-        parts = self.accelerator.gather(torch.stack(self._loss_parts).mean(dim=0)).view(-1, 3).mean(dim=0).tolist()
+        # Loss parts: mean over times on this process, then over processes; the velocity-norm ratios' sums: summed
+        # over both. One host sync per micro-step.
+        parts = torch.stack(self._loss_parts).mean(dim=0)
+        local = torch.cat([parts, torch.stack(self._norm_ratio_sums).sum(dim=0)])
+        gathered = self.accelerator.gather(local).view(self.accelerator.num_processes, -1)
+        values = torch.cat([gathered[:, : len(parts)].mean(dim=0), gathered[:, len(parts) :].sum(dim=0)]).tolist()
+        parts, ratio_sums = values[: len(parts)], values[len(parts) :]
         self._loss_parts.clear()
-        for name, value in zip(("positive", "negative", "kl"), parts, strict=True):
+        self._norm_ratio_sums.clear()
+        for name, value in zip(("positive", "negative", "kl", "velocity_norm"), parts, strict=True):
             self._metrics[f"loss/{name}"].append(value)
+        ratio = "velocity_norm_ratio" if self.args.kl_coef > 0 else "velocity_norm_ratio_to_old"
+        for bucket, value in noise_level_means(ratio_sums).items():
+            self._metrics[ratio if bucket is None else f"{ratio}/{bucket}"].append(value)
         self._step += 1
         train_time = time.perf_counter() - start
         self._metrics["timing/train_seconds"].append(train_time)
@@ -702,11 +753,12 @@ class DiffusionNFTTrainer(Trainer):
     def _frozen_velocities(self, samples: list[dict], conditioning: dict) -> None:
         """Each sample's `old_velocity` and, when `kl_coef > 0`, `reference_velocity`, with one switch to each frozen
         policy per micro-step, not one per time. With LoRA both policies are the frozen weights with the old adapter or
-        with none, so one forward of the doubled batch gives both (PEFT's mixed-adapter batch; not for DoRA)."""
+        with none (or the refreshed reference's), so one forward of the doubled batch gives both (PEFT's mixed-adapter
+        batch; not for DoRA)."""
         fused = self.args.kl_coef > 0 and self.use_lora and not self.lora_config.use_dora
         if fused:
             size, doubled = len(samples[0]["noisy"]), repeat_batch(conditioning, 2)
-            adapter_names = [OLD_ADAPTER] * size + [BASE_MODEL] * size
+            adapter_names = [OLD_ADAPTER] * size + [self._reference_adapter] * size
             with self._acting_as_old_policy() as denoiser, mixed_adapter_batch(denoiser, adapter_names):
                 for sample in samples:
                     inputs = repeat_batch({"noisy": sample["noisy"], "sigmas": sample["sigmas"]}, 2)
@@ -749,8 +801,11 @@ class DiffusionNFTTrainer(Trainer):
             kl_coef=self.args.kl_coef,
             negative_loss=self.args.negative_loss,
             sample_weights=inputs["sample_weights"],
+            velocity_norm_penalty=self.args.velocity_norm_penalty,
+            velocity_norm_margin=self.args.velocity_norm_margin,
         )
-        self._loss_parts.append(torch.stack([loss.positive, loss.negative, loss.kl]))
+        self._loss_parts.append(torch.stack([loss.positive, loss.negative, loss.kl, loss.velocity_norm]))
+        self._norm_ratio_sums.append(noise_level_sums(loss.velocity_norm_ratio, inputs["sigmas"]))
         return loss.loss
 
     def update_old_policy(self, step: int) -> None:
@@ -814,6 +869,7 @@ class DiffusionNFTTrainer(Trainer):
             self._idle_offload.in_use(),
             self._evaluation_weights(),
             self._evaluation_sampler(),
+            compiled_blocks_settings(self.args.torch_compile),
         ):
             # Each prompt's noise is keyed by its index alone: the same at every evaluation, on any number of processes.
             generators = sample_generators(self.args.seed, 0, EVALUATION_NOISE, local_indices)
@@ -859,45 +915,13 @@ class DiffusionNFTTrainer(Trainer):
                 denoiser = self.accelerator.unwrap_model(self.model)
                 save_policy(denoiser, TRAINED_ADAPTER, output_dir, self.adapter, self.lora_config)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-            self._write_model_card(output_dir)
+            write_trainer_model_card(self, output_dir)
 
     def create_model_card(self, model_name: str | None = None, tags: str | list[str] | None = None, **kwargs) -> None:
         """Write the diffusers model card (`README.md`, with sample images in `images/`) to `output_dir`, titled
         `model_name` (default: the Hub id, or the folder's name); called by `push_to_hub`, and by every save."""
         if self.is_world_process_zero():
-            self._write_model_card(self.args.output_dir, model_name, [tags] if isinstance(tags, str) else tags)
-
-    def _write_model_card(self, output_dir: str, model_name: str | None = None, tags: list[str] | None = None) -> None:
-        images, prompts, _ = self.last_rollout_samples or ([], [], [])
-        conditions = self.last_rollout_conditions if images else None
-        first_of_each_group = {}  # one sample per prompt (and condition): the first image of each group
-        for i, prompt in enumerate(prompts):
-            condition = None if conditions is None else conditions[i]
-            key = prompt if condition is None else (prompt, fingerprint(_as_list(condition)))
-            first_of_each_group.setdefault(key, i)
-        shown = list(first_of_each_group.values())[:4]
-        # The usage example samples as the run did: its steps, its size (and frames), its guidance.
-        steps = self.args.eval_num_inference_steps or self.args.num_inference_steps
-        size = self.adapter.pipeline_size_arguments(self.resolution)
-        write_model_card(
-            output_dir,
-            model_id=self.args.hub_model_id or os.path.basename(os.path.normpath(output_dir)),
-            title=model_name,
-            base_model=self.base_model_id,
-            base_model_path=self.base_model_path,
-            weights_location=self.args.hub_model_id or os.path.normpath(output_dir),
-            pipeline_class=type(self.pipeline).__name__,
-            reward_names=self.reward_func_names,
-            rewards=final_reward_values(self.state.log_history),
-            settings=self.args.to_dict(),
-            samples=[(images[i], prompts[i]) for i in shown],
-            sample_conditions=None if conditions is None else [conditions[i] for i in shown],
-            citation=self._paper["citation"],
-            is_lora=self.use_lora,
-            denoiser_name=self.adapter.denoiser_name,
-            call_kwargs={"num_inference_steps": steps, **size, **self.adapter.pipeline_guidance()},
-            tags=tags,
-        )
+            write_trainer_model_card(self, self.args.output_dir, model_name, [tags] if isinstance(tags, str) else tags)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
         """`Trainer.train`, resuming from whole checkpoints only (`trl_nft.checkpointing`): `resume_from_checkpoint`
@@ -918,7 +942,8 @@ class DiffusionNFTTrainer(Trainer):
                 self._load_from_checkpoint(checkpoint)
                 self.state = state
                 return TrainOutput(state.global_step, 0.0, {})
-        return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+        with compiled_blocks_settings(self.args.torch_compile):
+            return super().train(checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
 
     def _save_checkpoint(self, model, trial) -> None:
         # Whole or absent: the checkpoint is written in a temporary folder and then renamed into place. transformers'
@@ -929,11 +954,11 @@ class DiffusionNFTTrainer(Trainer):
         checkpoint_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         save = self.args.should_save
         with atomic_checkpoint_dir(checkpoint_dir, save, self.accelerator.wait_for_everyone) as staging_dir:
-            if save:  # the old policy (and, with an EMA, the raw trained weights); the top level is `save_model`'s
+            if save:  # the frozen policies (and, with an EMA, the raw trained weights); the top level: `save_model`'s
                 denoiser = self.accelerator.unwrap_model(self.model)
-                old_policy = denoiser if self.use_lora else self.old_model
-                old_dir = os.path.join(staging_dir, OLD_POLICY_DIR)
-                save_policy(old_policy, OLD_ADAPTER, old_dir, self.adapter, self.lora_config)
+                for folder, adapter_name, policy in self._frozen_policies(denoiser):
+                    directory = os.path.join(staging_dir, folder)
+                    save_policy(policy, adapter_name, directory, self.adapter, self.lora_config)
                 if self._ema_params is not None:
                     trained_dir = os.path.join(staging_dir, TRAINED_POLICY_DIR)
                     save_policy(denoiser, TRAINED_ADAPTER, trained_dir, self.adapter, self.lora_config)
@@ -953,7 +978,7 @@ class DiffusionNFTTrainer(Trainer):
             self._push_from_checkpoint(checkpoint_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Restore the trained and the old policy, and the EMA, from a checkpoint written by `_save_checkpoint`."""
+        """Restore the trained and the frozen policies, and the EMA, from a checkpoint written by `_save_checkpoint`."""
         denoiser, policy_format = self.accelerator.unwrap_model(self.model), (self.adapter, self.use_lora)
         trained_dir = os.path.join(resume_from_checkpoint, TRAINED_POLICY_DIR)
         if self._ema_params is not None:  # the top level holds the EMA: load it through the trained weights first
@@ -962,9 +987,16 @@ class DiffusionNFTTrainer(Trainer):
         if not os.path.isdir(trained_dir):  # written without an EMA: the top level holds the trained weights
             trained_dir = resume_from_checkpoint
         load_policy(denoiser, TRAINED_ADAPTER, trained_dir, resume_from_checkpoint, *policy_format)
-        old_policy = denoiser if self.use_lora else self.old_model
-        old_dir = os.path.join(resume_from_checkpoint, OLD_POLICY_DIR)
-        load_policy(old_policy, OLD_ADAPTER, old_dir, resume_from_checkpoint, *policy_format)
+        for folder, adapter_name, policy in self._frozen_policies(denoiser):
+            directory = os.path.join(resume_from_checkpoint, folder)
+            load_policy(policy, adapter_name, directory, resume_from_checkpoint, *policy_format)
+
+    def _frozen_policies(self, denoiser: torch.nn.Module) -> list[tuple[str, str, torch.nn.Module]]:
+        """The frozen policies a checkpoint holds beside the trained one: (folder, LoRA adapter, module) each."""
+        policies = [(OLD_POLICY_DIR, OLD_ADAPTER, denoiser if self.use_lora else self.old_model)]
+        if self._reference_params:  # refreshed: no longer the base model
+            policies.append((REFERENCE_POLICY_DIR, REFERENCE_ADAPTER, denoiser if self.use_lora else self.ref_model))
+        return policies
 
 
 class _LoggableConfig(FrozenDict):
@@ -1027,10 +1059,6 @@ def _slice_batch(batch: dict, index: int, parts: int) -> dict:
     """The `index`-th of `parts` equal slices along the image axis."""
     size = len(batch["latents"]) // parts
     return _take(batch, slice(index * size, (index + 1) * size))
-
-
-def _as_list(value) -> list:
-    return value if isinstance(value, list) else [value]
 
 
 def _result(scored: Future | tuple) -> tuple:

@@ -20,6 +20,8 @@ import torch
 REWARD_SCALES = ("batch", "group", "none")
 LOSS_TYPES = ("x0_adaptive", "velocity")
 DECAY_SCHEDULES = ("linear", "constant", "on_policy")
+#: The noise-level buckets of the velocity-norm instruments: `[low, high)` ranges of the time `t` (the last holds 1).
+NOISE_LEVEL_BUCKETS = {"low_noise": (0.0, 1 / 3), "mid_noise": (1 / 3, 2 / 3), "high_noise": (2 / 3, 1.0)}
 
 
 def forward_process(
@@ -106,12 +108,15 @@ def optimality_probability(advantages: torch.Tensor, advantage_clip: float = 5.0
 
 @dataclass
 class NFTLoss:
-    """The scalar loss to back-propagate and its parts (batch means, detached) for logging."""
+    """The scalar loss to back-propagate, its parts (batch means, detached) and each sample's velocity-norm ratio to
+    the anchor policy (detached) for logging."""
 
     loss: torch.Tensor
     positive: torch.Tensor
     negative: torch.Tensor
     kl: torch.Tensor
+    velocity_norm: torch.Tensor
+    velocity_norm_ratio: torch.Tensor
 
 
 def nft_loss(
@@ -129,6 +134,8 @@ def nft_loss(
     kl_coef: float = 0.0,
     negative_loss: bool = True,
     sample_weights: torch.Tensor | None = None,
+    velocity_norm_penalty: float = 0.0,
+    velocity_norm_margin: float = 0.0,
 ) -> NFTLoss:
     r"""The DiffusionNFT loss on one batch of forward-process samples `x_t` at times `sigmas`.
 
@@ -144,9 +151,12 @@ def nft_loss(
     `negative_loss=False` drops the `(1 - r)` term (the paper's ablation: only the positive policy is fitted, and the
     reward collapses). `sample_weights` (one per sample, default 1) multiply each sample's policy term inside
     `mean_b`: a weight 0 drops a sample whose reward is unknown. Either way a reference penalty is added when
-    `kl_coef > 0`: `L += kl_coef * mean_b mean((v_theta - v_ref)^2)`.
+    `kl_coef > 0`: `L += kl_coef * mean_b mean((v_theta - v_ref)^2)`, and a velocity-norm penalty (NormGuard) when
+    `velocity_norm_penalty` = `w > 0`: `L += w * mean_b velocity_norm_hinge(v_theta, v_a, velocity_norm_margin)`, with
+    the anchor `v_a = v_ref` when `reference_velocity` is given, else `v_old`.
     `old_velocity` and `reference_velocity` are treated as constants. Returns the loss and its detached parts
-    (`positive` = `mean_b L_pos`, `negative` = `mean_b L_neg`, `kl`).
+    (`positive` = `mean_b L_pos`, `negative` = `mean_b L_neg`, `kl`, `velocity_norm` = the hinge's `mean_b`, computed
+    whatever `w`) and each sample's `velocity_norm_ratio(v_theta, v_a)`.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
@@ -173,12 +183,65 @@ def nft_loss(
         if reference_velocity is None:
             raise ValueError("kl_coef > 0 needs reference_velocity.")
         kl = _mean_per_sample((policy_velocity - reference_velocity.detach()) ** 2).mean()
+    anchor = (old_velocity if reference_velocity is None else reference_velocity).detach()
+    velocity_norm = velocity_norm_hinge(policy_velocity, anchor, velocity_norm_margin).mean()
+    loss = policy_loss + kl_coef * kl
+    if velocity_norm_penalty > 0:  # off, the loss and its gradient are exactly those without the hinge
+        loss = loss + velocity_norm_penalty * velocity_norm
     return NFTLoss(
-        loss=policy_loss + kl_coef * kl,
+        loss=loss,
         positive=positive.mean().detach(),
         negative=negative.mean().detach(),
         kl=kl.detach(),
+        velocity_norm=velocity_norm.detach(),
+        velocity_norm_ratio=velocity_norm_ratio(policy_velocity, anchor),
     )
+
+
+def velocity_norms(velocity: torch.Tensor) -> torch.Tensor:
+    r"""Each sample's velocity norm `||v|| = sqrt(mean(v^2))` over its latent elements: the L2 norm divided by the
+    square root of their count, so that a penalty on it weighs the same at any resolution (ratios of these norms are
+    ratios of L2 norms)."""
+    flat = velocity.flatten(1)
+    return torch.linalg.vector_norm(flat, dim=1) / flat.shape[1] ** 0.5
+
+
+@torch.no_grad()
+def velocity_norm_ratio(policy_velocity: torch.Tensor, anchor_velocity: torch.Tensor) -> torch.Tensor:
+    r"""Each sample's `||v_theta|| / ||v_a||`, the ratio of its per-sample L2 norms over the latent elements, against
+    an anchor `v_a` (the reference, or the old policy): NFT, like AWM and DPO, raises the policy's per-step velocity
+    norm 5-15% over the reference's (NormGuard), so a ratio drifting above 1 is that inflation."""
+    return velocity_norms(policy_velocity) / velocity_norms(anchor_velocity)
+
+
+def velocity_norm_hinge(
+    policy_velocity: torch.Tensor, anchor_velocity: torch.Tensor, margin: float = 0.0
+) -> torch.Tensor:
+    r"""NormGuard's hinge, per sample: `relu(||v_theta|| - (1 + m) ||v_a||)^2` with the norms of `velocity_norms` and
+    the margin `m` = `margin`. Zero (and so without gradient) while the policy's norm stays within `(1 + m)` times the
+    anchor's; above it, its gradient `2 relu(...) v_theta / (D ||v_theta||)` (`D` latent elements) shrinks `||v_theta||`
+    along its own direction. `anchor_velocity` is a constant."""
+    excess = velocity_norms(policy_velocity) - (1 + margin) * velocity_norms(anchor_velocity.detach())
+    return excess.clamp(min=0) ** 2
+
+
+def noise_level_sums(values: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    r"""`[sum, count]` of the per-sample `values` over all samples, then over those whose time `t` (`sigmas`) lies in
+    each of `NOISE_LEVEL_BUCKETS`, flat (`2 (1 + buckets)` numbers): sums, so that they add up over training times,
+    micro-steps and processes before `noise_level_means` divides. No host sync (no boolean indexing)."""
+    t = sigmas.to(values.device, values.dtype)
+    masks = [torch.ones_like(t)]
+    for low, high in NOISE_LEVEL_BUCKETS.values():
+        masks.append(((t >= low) & ((t < high) | (high == 1.0))).to(t.dtype))  # the last bucket holds t = 1
+    masks = torch.stack(masks)
+    return torch.stack([masks @ values, masks.sum(dim=1)], dim=1).flatten()
+
+
+def noise_level_means(sums: list[float]) -> dict[str | None, float]:
+    r"""The means of `noise_level_sums` (added up): `None` for all samples, then each bucket's name; a bucket without
+    samples is left out."""
+    names = [None, *NOISE_LEVEL_BUCKETS]
+    return {name: total / count for name, total, count in zip(names, sums[::2], sums[1::2], strict=True) if count}
 
 
 def old_policy_decay(

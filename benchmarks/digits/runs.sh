@@ -4,6 +4,10 @@
 #   benchmarks/digits/runs.sh ablations   # 320 steps each, evaluated every 80: about 8 minutes per pair on 2 cores
 #   benchmarks/digits/runs.sh guard       # evaluated every 40, for the reward-hacking guard: about 35 minutes in all;
 #                                         # then `python guard_replay.py --runs guard/<name> ...`
+#   benchmarks/digits/runs.sh norm        # the velocity-norm penalty on digits-sd3 (honest and gamed reward, with and
+#                                         # without it; kl_coef 1e-4 so that the ratio is to the base): about 15 minutes
+#   benchmarks/digits/runs.sh turbo       # NFT on the step-distilled digits-sd3-turbo: its preset (the distilled
+#                                         # recipe), parts of it, digits-sd3's settings; 3-5 minutes a run
 # (The preset itself and its shuffled-reward control are run.py's `default` and `control` runs, whose first 320
 # steps are the ablations' reference.)
 set -euo pipefail
@@ -34,7 +38,30 @@ case "$GROUP" in
       "hack_lr3e-3 --max_steps 640 --set learning_rate=3e-3"
     )
     ;;
-  *) echo "unknown group $GROUP: ablations or guard" >&2; exit 2 ;;
+  norm)
+    # kl_coef 1e-4 (the library default) so that the norm ratio is taken against the base model
+    COMMON=()
+    RUNS=(
+      "honest --max_steps 240 --eval_every 80 --set kl_coef=1e-4"
+      "honest_penalty --max_steps 240 --eval_every 80 --set kl_coef=1e-4 velocity_norm_penalty=10"
+      "gamed --max_steps 120 --eval_every 40 --add_reward jpeg_compressibility:100 --set kl_coef=1e-4"
+      "gamed_penalty --max_steps 120 --eval_every 40 --add_reward jpeg_compressibility:100 --set kl_coef=1e-4 velocity_norm_penalty=10"
+    )
+    ;;
+  turbo)
+    # The preset is the distilled recipe (kl_coef 0.1, velocity_norm_penalty 10, train_timestep_fraction 1.0): the
+    # other runs set what they change from it. `defaults` are digits-sd3's preset settings.
+    COMMON=(--model digits-sd3-turbo --max_steps 640 --eval_every 80)
+    RUNS=(
+      "kl0.1_penalty"
+      "kl0.1 --set velocity_norm_penalty=0"
+      "kl1 --set kl_coef=1 velocity_norm_penalty=0"
+      "defaults --set kl_coef=0 velocity_norm_penalty=0 train_timestep_fraction=0.4"
+      "defaults_lr3e-3 --set kl_coef=0 velocity_norm_penalty=0 train_timestep_fraction=0.4 learning_rate=3e-3"
+      "kl0.1_lr3e-3 --set velocity_norm_penalty=0 learning_rate=3e-3"
+    )
+    ;;
+  *) echo "unknown group $GROUP: ablations, guard, norm or turbo" >&2; exit 2 ;;
 esac
 mkdir -p "results/$GROUP"
 for spec in "${RUNS[@]}"; do

@@ -5,6 +5,7 @@ family's diffusers pipeline, to decode them, and to predict the flow velocity at
 writing one small subclass of `DiffusionAdapter` and registering it in `trl_nft.models` (see CONTRIBUTING.md).
 """
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -140,6 +141,14 @@ class DiffusionAdapter:
         """The family pipeline's call arguments that make it sample at the run's size (the model card's example)."""
         size = {"height": resolution, "width": resolution}
         return size if self.num_frames is None else {**size, "num_frames": self.num_frames}
+
+    def pipeline_call_code(self, num_inference_steps: int) -> tuple[list[str], dict[str, str]]:
+        """What else the family's pipeline call needs, beyond the prompt, steps, size and guidance, to sample as
+        `sample` does, as the model card's example writes it: import lines, and arguments as Python source. By default
+        the run's prompt length, where the pipeline takes one."""
+        if "max_sequence_length" in inspect.signature(type(self.pipeline).__call__).parameters:
+            return [], {"max_sequence_length": str(self.max_sequence_length)}
+        return [], {}
 
     def set_sampler(self, sampler=None, sampler_kwargs: dict | None = None) -> None:
         """Make the pipeline roll out with `sampler` (a diffusers scheduler class name or instance; None: the

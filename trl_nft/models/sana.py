@@ -66,6 +66,10 @@ class SanaAdapter(DiffusionAdapter):
             f"{patch} x {patch} patches",
         )
 
+    def pipeline_size_arguments(self, resolution: int) -> dict:
+        # Without binning, as `sample` calls it: the pipeline would otherwise snap the size to its aspect-ratio table.
+        return {**super().pipeline_size_arguments(resolution), "use_resolution_binning": False}
+
     def check_guidance(self, guidance_scale: float) -> None:
         # SANA-Sprint's transformer embeds a guidance scale, which `SanaPipeline` never passes: its time embedding then
         # fails on the first forward, whatever the scale. SANA-Sprint samples with its own pipeline.

@@ -69,6 +69,12 @@ class WanImageToVideoAdapter(WanAdapter):
             return "a transformer without CLIP image tokens"  # as Wan 2.2's image-to-video experts
         return feature
 
+    def pipeline_call_code(self, num_inference_steps: int) -> tuple[list[str], dict[str, str]]:
+        # The pipeline pads the prompt to `max_sequence_length` positions, and rollouts to the 512 the transformer
+        # takes: its default (512) samples as they do, for every prompt of up to the run's length.
+        imports, arguments = super().pipeline_call_code(num_inference_steps)
+        return imports, {key: value for key, value in arguments.items() if key != "max_sequence_length"}
+
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         # Zero-padded to the 512 prompt positions the transformer expects, as a prompt of the run's length is by the

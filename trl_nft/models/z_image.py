@@ -87,6 +87,15 @@ class ZImageAdapter(DiffusionAdapter):
                 "model's own)."
             )
 
+    def pipeline_call_code(self, num_inference_steps: int) -> tuple[list[str], dict[str, str]]:
+        # The pipeline's default sigmas as an array, as `sample` passes them (UniPC cannot shift the pipeline's list).
+        imports, arguments = super().pipeline_call_code(num_inference_steps)
+        imports += [
+            "import numpy as np",
+            "from diffusers.pipelines.z_image.pipeline_z_image import get_default_z_image_sigmas",
+        ]
+        return imports, {**arguments, "sigmas": f"np.asarray(get_default_z_image_sigmas({num_inference_steps}))"}
+
     def pipeline_guidance(self) -> dict[str, float]:
         # The pipeline's scale is one less than the usual one (`pos + w' (pos - neg)`), and 0 is CFG-free.
         return {"guidance_scale": self.guidance_scale - 1}

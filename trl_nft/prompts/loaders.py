@@ -13,7 +13,8 @@ from ..conditions import resolve_image_paths
 from ..rewards.ocr import quoted_text
 
 
-_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+#: The `datasets` builder that reads each kind of prompt file.
+FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def load_prompt_source(path_or_id: str, split: str = "train") -> Dataset:
@@ -22,9 +23,9 @@ def load_prompt_source(path_or_id: str, split: str = "train") -> Dataset:
     path = os.path.expanduser(path_or_id)
     if os.path.isfile(path):
         extension = os.path.splitext(path)[1].lower()
-        if extension not in _BUILDERS:
-            raise ValueError(f"Cannot read prompts from {path_or_id!r}: use one of {', '.join(_BUILDERS)}.")
-        dataset = load_dataset(_BUILDERS[extension], data_files=path, split="train")
+        if extension not in FILE_BUILDERS:
+            raise ValueError(f"Cannot read prompts from {path_or_id!r}: use one of {', '.join(FILE_BUILDERS)}.")
+        dataset = load_dataset(FILE_BUILDERS[extension], data_files=path, split="train")
         return resolve_image_paths(dataset, os.path.dirname(os.path.abspath(path)))
     if os.path.isdir(path):
         return resolve_image_paths(load_dataset(path, split=split), os.path.abspath(path))

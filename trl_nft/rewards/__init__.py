@@ -63,9 +63,9 @@ def get_reward(name: str, **options) -> RewardFunc:
     return reward
 
 
-def list_rewards() -> list[str]:
-    """The names of all registered rewards, sorted."""
-    return sorted(_REGISTRY)
+def list_rewards(builtin: bool = False) -> list[str]:
+    """The names of all registered rewards, sorted; with `builtin`, only trl-nft's own."""
+    return sorted(name for name, reward in _REGISTRY.items() if not builtin or reward.__module__.startswith(__name__))
 
 
 def reward_name(reward: RewardFunc) -> str:

@@ -111,6 +111,16 @@ class RewardModel:
         """Rewards of one batch, given what `load` returned."""
         raise NotImplementedError
 
+    def checkpoints(self) -> list[str]:
+        """What `load` reads, each a Hub id or a local path: `checkpoint` and every other `*_checkpoint` attribute that
+        is set. `trl nft` checks before it launches that each can be read (a local path exists, a Hub id is cached or
+        can be fetched); override this when `load` reads others."""
+        return [
+            value
+            for name, value in vars(self).items()
+            if (name == "checkpoint" or name.endswith("_checkpoint")) and isinstance(value, str) and value
+        ]
+
     def cache_key(self) -> tuple:
         """What identifies the loaded weights (override when `load` depends on more than the checkpoint)."""
         return (type(self).__qualname__, self.checkpoint, str(self.device), self.dtype)

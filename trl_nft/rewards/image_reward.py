@@ -11,16 +11,21 @@ import json
 import math
 import os
 import re
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import nn
-from transformers import BertTokenizer, BlipTextConfig, BlipTextModel, BlipVisionConfig, BlipVisionModel
 
 from . import register_reward
 from .base import RewardModel, resolve_checkpoint, resolve_file
 from .clip import openai_clip_pixels, preference_mlp
 
+
+# transformers' BLIP modules are imported where they are used: registering the reward must stay cheap (`trl nft` lists
+# and checks the registered rewards before it imports transformers).
+if TYPE_CHECKING:
+    from transformers import BertTokenizer, BlipTextConfig, BlipVisionConfig
 
 # `ImageReward.mean` and `ImageReward.std` of ImageReward-v1.0: the raw MLP output is standardised with them.
 IMAGE_REWARD_MEAN = 0.16717362830052426
@@ -81,11 +86,13 @@ def split_image_reward_state_dict(
     return vision, text, mlp
 
 
-def _vision_config(vision: dict[str, torch.Tensor]) -> BlipVisionConfig:
+def _vision_config(vision: dict[str, torch.Tensor]) -> "BlipVisionConfig":
     # BLIP's ViT sizes, read from the weights' shapes (the original hard-codes ViT-L/16 at 224 px).
     _, num_positions, hidden_size = vision["embeddings.position_embedding"].shape
     patch_size = vision["embeddings.patch_embedding.weight"].shape[-1]
     num_layers = len({key.split(".")[2] for key in vision if key.startswith("encoder.layers.")})
+    from transformers import BlipVisionConfig
+
     return BlipVisionConfig(
         hidden_size=hidden_size,
         intermediate_size=vision["encoder.layers.0.mlp.fc1.weight"].shape[0],
@@ -98,8 +105,10 @@ def _vision_config(vision: dict[str, torch.Tensor]) -> BlipVisionConfig:
     )
 
 
-def _text_config(med_config: dict, encoder_hidden_size: int) -> BlipTextConfig:
+def _text_config(med_config: dict, encoder_hidden_size: int) -> "BlipTextConfig":
     # BLIP_Pretrain sets `encoder_width` (the width of the cross-attended image embeddings) to the ViT's width.
+    from transformers import BlipTextConfig
+
     return BlipTextConfig(
         vocab_size=med_config["vocab_size"],
         hidden_size=med_config["hidden_size"],
@@ -131,7 +140,9 @@ class ImageRewardModel(nn.Module):
     them) on the prompt -> hidden state of the first ([CLS]) token -> MLP 768-1024-128-64-16-1 (linear layers, no
     activation; dropout is inactive in eval) -> `(raw - 0.16717362830052426) / 1.0333394966054072`."""
 
-    def __init__(self, vision_config: BlipVisionConfig, text_config: BlipTextConfig):
+    def __init__(self, vision_config: "BlipVisionConfig", text_config: "BlipTextConfig"):
+        from transformers import BlipTextModel, BlipVisionModel
+
         super().__init__()
         self.vision_model = BlipVisionModel(vision_config)
         self.text_encoder = BlipTextModel(text_config, add_pooling_layer=False)
@@ -186,7 +197,10 @@ class ImageReward(RewardModel):
     def cache_key(self) -> tuple:
         return (*super().cache_key(), self.tokenizer)
 
-    def load(self) -> tuple[ImageRewardModel, BertTokenizer]:
+    def checkpoints(self) -> list[str]:
+        return [*super().checkpoints(), self.tokenizer]
+
+    def load(self) -> tuple[ImageRewardModel, "BertTokenizer"]:
         weights = resolve_file(self.checkpoint, "ImageReward", "ImageReward.pt")
         is_file = os.path.isfile(os.path.expanduser(self.checkpoint))
         config_source = (os.path.dirname(weights) or ".") if is_file else self.checkpoint
@@ -195,6 +209,8 @@ class ImageReward(RewardModel):
         state_dict = torch.load(weights, map_location="cpu", weights_only=True)
         model = ImageRewardModel.from_original(state_dict, med_config).to(self.device, self.dtype)
         model.mlp.float()  # the original MLP runs on `.float()` features
+        from transformers import BertTokenizer
+
         tokenizer = BertTokenizer.from_pretrained(resolve_checkpoint(self.tokenizer, "ImageReward tokenizer"))
         # BLIP's `init_tokenizer` adds these (ids 30522, 30523 in the 30524-token embedding).
         tokenizer.add_special_tokens({"bos_token": "[DEC]"})

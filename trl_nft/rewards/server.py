@@ -20,6 +20,7 @@ it.
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import inspect
 import io
@@ -296,10 +297,6 @@ def create_app(
         raise ValueError("create_app needs at least one reward to serve.")
     if max_batch_size < 1:
         raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}.")
-    # PIL refuses images over twice its own limit (about 179 M pixels) when it opens them; let it open what the
-    # server accepts, so that the server's limit is the one that applies.
-    if Image.MAX_IMAGE_PIXELS is not None and limits.max_image_pixels > Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
 
     class ScoreRequest(pydantic.BaseModel):
         model_config = pydantic.ConfigDict(extra="forbid")
@@ -311,7 +308,20 @@ def create_app(
 
     scorer = _Scorer(dict(rewards), max_batch_size, limits)
     max_body_bytes = limits.max_body_mb * MIB
-    app = fastapi.FastAPI(title="trl-nft reward server")
+
+    @contextlib.asynccontextmanager
+    async def pil_pixel_limit(app):
+        # PIL refuses images over twice its own limit (about 179 M pixels) when it opens them: while the server serves,
+        # it opens what the server accepts, so that the server's limit is the one that applies; then PIL's again.
+        previous = Image.MAX_IMAGE_PIXELS
+        if previous is not None and limits.max_image_pixels > previous:
+            Image.MAX_IMAGE_PIXELS = limits.max_image_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+    app = fastapi.FastAPI(title="trl-nft reward server", lifespan=pil_pixel_limit)
 
     def check_token(authorization: str | None) -> None:
         if not token:

@@ -127,6 +127,9 @@ class VLMJudge(RewardModel):
     def cache_key(self) -> tuple:
         return (type(self).__qualname__, self.base_url, self.api_key, self.timeout, self.max_retries)
 
+    def checkpoints(self) -> list[str]:
+        return []  # `model` is served by the endpoint: nothing is read here
+
     def load(self):
         """The OpenAI client of the endpoint (thread-safe, shared by the requests)."""
         try:
