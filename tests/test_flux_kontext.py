@@ -88,11 +88,12 @@ def test_predict_velocity_is_the_pipelines_own_transformer_call():
             ),
         )
         for name in ("hidden_states", "timestep", "guidance", "encoder_hidden_states", "txt_ids", "img_ids"):
-            assert torch.equal(ours[name], kwargs[name]), name
+            # The condition's VAE encoding is the pipeline's own, up to float rounding of the thread count's order.
+            torch.testing.assert_close(ours[name], kwargs[name], rtol=1e-5, atol=1e-6, msg=name)
         with torch.no_grad():
             cut = adapter.predict_velocity(pipeline.transformer, target, kwargs["timestep"], conditioning)
         assert cut.shape == target.shape  # the loss sees the generated tokens only
-        torch.testing.assert_close(cut, output[:, :16], rtol=1e-5, atol=0)
+        torch.testing.assert_close(cut, output[:, :16], rtol=1e-5, atol=1e-6)
 
 
 def test_rollouts_are_the_pipelines_own_with_conditions_resized_to_the_resolution(caplog):
@@ -101,6 +102,7 @@ def test_rollouts_are_the_pipelines_own_with_conditions_resized_to_the_resolutio
     assert isinstance(adapter.pipeline.scheduler, UniPCMultistepScheduler)  # the default (not DPM-Solver++: below)
     pipeline = adapter.pipeline
     images = [_images(1)[0], _images(1, size=(96, 80), seed=1)[0]]  # the second is resized to 64 x 64
+    logging.Logger.warning_once.cache_clear()  # said once per process: an earlier test may have said it
     with caplog.at_level(logging.WARNING):
         conditioning = adapter.encode_conditions(PROMPTS, [[image] for image in images], 64)
     assert any("resized to 64 x 64 pixels" in record.getMessage() for record in caplog.records)
