@@ -289,7 +289,10 @@ def test_ddpo_attributes_hold_what_they_held(built):
         (lambda t: t.calculate_loss(*[None] * 6), r"trainer\.compute_loss .*trl_nft\.objective\.nft_loss"),
         (lambda t: t.loss(None, 0.1, None), r"trl_nft\.objective\.nft_loss"),
         (lambda t: t.stat_tracker, r"within its prompt group .*group_advantages"),
-        (lambda t: type(t).from_pretrained("someone/model"), r"DefaultDDPOStableDiffusionPipeline\(repo_or_folder\)"),
+        (
+            lambda t: type(t).from_pretrained("./saved-ddpo-run"),
+            r"DefaultDDPOStableDiffusionPipeline\(repo_or_folder\)",
+        ),
         (lambda t: t.sd_pipeline.rgb_with_grad(prompt="a cat"), r"AlignProp's .* reward_function"),
         (lambda t: t.train("checkpoint-1"), r"train\(resume_from_checkpoint=\.\.\.\)"),
     ],
