@@ -363,7 +363,7 @@ PRESET_FIELDS = (
     "guidance_scale",
     "train_timestep_fraction",
     "kl_coef",
-    "beta",
+    "nft_beta",
     "loss_type",
     "advantage_clip",
     "ema_decay",

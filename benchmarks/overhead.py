@@ -256,7 +256,7 @@ class DirectNFT:
                 noise.float(),
                 sigmas,
                 optimality,
-                beta=config.beta,
+                nft_beta=config.nft_beta,
                 loss_type=config.loss_type,
                 advantage_clip=config.advantage_clip,
                 reference_velocity=reference_velocity,

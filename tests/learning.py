@@ -38,7 +38,7 @@ def eval_gain(
         **{
             "per_device_train_batch_size": 16,
             "num_generations": 8,
-            "beta": 0.1,
+            "nft_beta": 0.1,
             "advantage_clip": 1.0,  # saturates r for |A| >= 1 std: a strong signal for a short run
             "kl_coef": 0.0,
             "lora_r": 8,

@@ -112,7 +112,7 @@ def test_presets_parse_with_the_released_settings():
             assert (config.resolution, config.num_inference_steps, config.guidance_scale) == (512, 10, 1.0)
             assert (config.lora_r, config.lora_alpha, config.learning_rate, config.ema_decay) == (32, 64, 3e-4, 0.9)
             assert config.num_generations == 24 and config.images_per_rollout * 8 == 48 * 24  # on 8 processes
-            assert config.beta == (0.1 if "ocr" in path.name or "multi" in path.name else 1.0)
+            assert config.nft_beta == (0.1 if "ocr" in path.name or "multi" in path.name else 1.0)
         if path.name == "flux_dev_pickscore.yaml":  # Flow-Factory's FLUX.1-dev NFT recipe: 48 groups of 16 on 8 GPUs
             assert resolve_model_name(script_args.model_name_or_path) == "black-forest-labs/FLUX.1-dev"
             assert (config.resolution, config.num_inference_steps, config.guidance_scale) == (384, 8, 1.0)

@@ -11,7 +11,7 @@ from trl_nft import NFTConfig
 def test_defaults_follow_the_released_code(tmp_path):
     config = NFTConfig(output_dir=str(tmp_path))
     assert (config.learning_rate, config.weight_decay, config.max_grad_norm) == (3e-4, 1e-4, 1.0)
-    assert (config.lora_r, config.lora_alpha, config.beta, config.kl_coef) == (32, 64, 1.0, 1e-4)
+    assert (config.lora_r, config.lora_alpha, config.nft_beta, config.kl_coef) == (32, 64, 1.0, 1e-4)
     assert (config.num_inference_steps, config.guidance_scale, config.max_sequence_length) == (10, 1.0, 128)
     assert (config.scale_rewards, config.advantage_clip, config.loss_type) == ("batch", 5.0, "x0_adaptive")
     assert config.train_timestep_fraction == 0.99
@@ -33,7 +33,7 @@ def test_sampler_kwargs_accept_json_from_the_command_line(tmp_path):
         ({"resolution": -64}, "resolution"),
         ({"scale_rewards": "global-ish"}, "scale_rewards"),
         ({"advantage_clip": 0.0}, "advantage_clip"),
-        ({"beta": 0.0}, "beta"),
+        ({"nft_beta": 0.0}, "nft_beta"),
         ({"kl_coef": -1.0}, "kl_coef"),
         ({"reference_refresh_steps": 10, "kl_coef": 0.0}, "reference_refresh_steps"),  # no KL: nothing to refresh
         ({"loss_type": "l1"}, "loss_type"),
@@ -51,6 +51,13 @@ def test_sampler_kwargs_accept_json_from_the_command_line(tmp_path):
 def test_invalid_values_name_their_field(tmp_path, overrides, field):
     with pytest.raises(ValueError, match=field):
         NFTConfig(output_dir=str(tmp_path), **overrides)
+
+
+def test_a_grpo_users_beta_is_refused_naming_the_nft_strength_and_the_kl_weight(tmp_path):
+    # In GRPOConfig `beta` is the KL coefficient (0.04 was its default); here it would have been the NFT strength.
+    with pytest.raises(ValueError, match=r"beta=0.04 is invalid: the NFT strength is `nft_beta`.*`kl_coef`"):
+        NFTConfig(output_dir=str(tmp_path), beta=0.04)
+    assert NFTConfig(output_dir=str(tmp_path), nft_beta=0.1).nft_beta == 0.1
 
 
 def test_batch_must_divide_into_groups(tmp_path):
@@ -102,7 +109,8 @@ BAD_VALUES = {
     "reward_retries": -1,
     "reward_retry_backoff": -1.0,
     "reward_timeout": 0.0,
-    "beta": 0.0,
+    "nft_beta": 0.0,
+    "beta": 0.04,  # GRPO's KL coefficient, and the old name of nft_beta
     "kl_coef": -1e-4,
     "velocity_norm_penalty": -1.0,
     "velocity_norm_margin": -0.1,

@@ -43,13 +43,13 @@ def test_velocity_loss_gradient_vanishes_at_per_sample_optimum(beta):
     r = torch.tensor([0.0, 0.3, 0.5, 1.0], dtype=torch.float64)
     optimum = old + (2 * r - 1).view(-1, 1, 1, 1) * (target - old) / beta
     policy = optimum.clone().requires_grad_(True)
-    loss = nft_loss(policy, old, noisy, clean, noise, sigmas, r, beta=beta, loss_type="velocity").loss
+    loss = nft_loss(policy, old, noisy, clean, noise, sigmas, r, nft_beta=beta, loss_type="velocity").loss
     (grad,) = torch.autograd.grad(loss, policy)
     assert grad.abs().max() < 1e-12
 
     # Anywhere else the gradient does not vanish.
     policy = (optimum + 0.1).requires_grad_(True)
-    loss = nft_loss(policy, old, noisy, clean, noise, sigmas, r, beta=beta, loss_type="velocity").loss
+    loss = nft_loss(policy, old, noisy, clean, noise, sigmas, r, nft_beta=beta, loss_type="velocity").loss
     (grad,) = torch.autograd.grad(loss, policy)
     assert grad.abs().max() > 1e-7
 
@@ -67,7 +67,7 @@ def test_velocity_loss_matches_paper_formula():
             for i in range(4)
         ]
     )
-    loss = nft_loss(policy, old, noisy, clean, noise, sigmas, r, beta=beta, loss_type="velocity")
+    loss = nft_loss(policy, old, noisy, clean, noise, sigmas, r, nft_beta=beta, loss_type="velocity")
     assert loss.loss.item() == pytest.approx(expected, rel=1e-12)
 
 
@@ -121,7 +121,7 @@ def test_x0_adaptive_loss_matches_released_formula():
     positive = branch((1 - beta) * vo + beta * vp)
     negative = branch((1 + beta) * vo - beta * vp)
     expected = np.mean(a_max * (r * positive + (1 - r) * negative) / beta)
-    loss = nft_loss(policy, old, noisy, clean, noise, sigmas, torch.from_numpy(r), beta=beta, advantage_clip=a_max)
+    loss = nft_loss(policy, old, noisy, clean, noise, sigmas, torch.from_numpy(r), nft_beta=beta, advantage_clip=a_max)
     assert loss.loss.item() == pytest.approx(expected, rel=1e-10)
     assert loss.positive.item() == pytest.approx(positive.mean(), rel=1e-10)
     assert loss.negative.item() == pytest.approx(negative.mean(), rel=1e-10)
@@ -137,7 +137,7 @@ def test_r_one_pulls_toward_target_and_r_zero_pushes_away(loss_type):
         r = torch.full((4,), r_value, dtype=torch.float64)
         for _ in range(30):
             optimizer.zero_grad()
-            nft_loss(policy, old, noisy, clean, noise, sigmas, r, beta=1.0, loss_type=loss_type).loss.backward()
+            nft_loss(policy, old, noisy, clean, noise, sigmas, r, nft_beta=1.0, loss_type=loss_type).loss.backward()
             optimizer.step()
         return (policy.detach() - target).pow(2).mean().item()
 

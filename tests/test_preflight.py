@@ -107,6 +107,7 @@ BAD_INPUTS = [
     ("stray value", ["--max_steps", "3", "4"], "unexpected value '4'", False),
     ("value that does not parse", ["--learning_rate", "fast"], "invalid float value: 'fast'", False),
     ("value out of range", ["--learning_rate", "-1"], "learning_rate=-1.0 is invalid", False),
+    ("GRPO's beta", ["--beta", "0.04"], "beta=0.04 is invalid: the NFT strength is `nft_beta`", False),
     ("config file", ["--config", "missing.yaml"], "--config missing.yaml: cannot read it", True),
     ("weights", ["--reward", "jpeg_compressibility,ocr", "--reward_weights", "1"], "1 weight for 2 rewards", False),
     ("evaluation", ["--eval_strategy", "steps"], "--eval_strategy steps needs --eval_dataset", False),

@@ -41,7 +41,7 @@ KEY_SETTINGS = [
     "resolution",
     "num_frames",
     "max_sequence_length",
-    "beta",
+    "nft_beta",
     "nft_beta",
     "kl_coef",
     "loss_type",

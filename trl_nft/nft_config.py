@@ -161,9 +161,13 @@ class NFTConfig(TrainingArguments):
 
     > Parameters that control the NFT update
 
-    beta (`float`, *optional*, defaults to `1.0`):
-        NFT strength: the implicit policies are `v_old ± beta (v_theta - v_old)`. Near 1 is stable; the released
+    nft_beta (`float`, *optional*, defaults to `1.0`):
+        NFT strength: the implicit policies are `v_old ± nft_beta (v_theta - v_old)`. Near 1 is stable; the released
         OCR and multi-reward runs use 0.1, which learns faster.
+    beta (`None`):
+        Not a setting: an old name of `nft_beta`, and in `GRPOConfig` the KL coefficient (here `kl_coef`). Any value
+        is refused with a message naming both, so that a GRPO user's `--beta 0.04` does not silently change the
+        method 25-fold.
     kl_coef (`float`, *optional*, defaults to `1e-4`):
         Weight of the penalty `mean((v_theta - v_ref)^2)` toward the frozen base model. `0.0` skips the reference
         forward pass entirely.
@@ -400,7 +404,10 @@ class NFTConfig(TrainingArguments):
     )
 
     # NFT update
-    beta: float = field(default=1.0, metadata={"help": "NFT strength beta of the implicit policies."})
+    nft_beta: float = field(default=1.0, metadata={"help": "NFT strength of the implicit policies (near 1: stable)."})
+    beta: float | None = field(
+        default=None, metadata={"help": "Not a setting: the NFT strength is --nft_beta, the KL weight --kl_coef."}
+    )
     kl_coef: float = field(default=1e-4, metadata={"help": "Weight of the penalty toward the base model (0: off)."})
     velocity_norm_penalty: float = field(
         default=0.0, metadata={"help": "Weight of the hinge on ||v_theta|| above (1 + margin) ||v_ref|| (0: off)."}
@@ -577,7 +584,12 @@ class NFTConfig(TrainingArguments):
             "group_filter_max_reward_mean",
             "it must be None (off) or a finite number",
         )
-        check(self.beta > 0, "beta", "it must be positive")
+        check(
+            self.beta is None,
+            "beta",
+            "the NFT strength is `nft_beta` (default 1.0) and the KL penalty's weight `kl_coef` (GRPOConfig's `beta`)",
+        )
+        check(self.nft_beta > 0, "nft_beta", "it must be positive")
         check(self.kl_coef >= 0, "kl_coef", "it must be 0 (off) or positive")
         check(self.velocity_norm_penalty >= 0, "velocity_norm_penalty", "it must be 0 (off) or positive")
         check(self.velocity_norm_margin >= 0, "velocity_norm_margin", "it must be 0 or positive")

@@ -794,7 +794,7 @@ class DiffusionNFTTrainer(Trainer):
             inputs["noise"].float(),
             inputs["sigmas"],
             inputs["optimality"],
-            beta=self.args.beta,
+            nft_beta=self.args.nft_beta,
             loss_type=self.args.loss_type,
             advantage_clip=self.args.advantage_clip,
             reference_velocity=None if reference_velocity is None else reference_velocity.float(),

@@ -3,7 +3,7 @@ r"""The DiffusionNFT objective, as pure tensor functions.
 Notation (rectified flow): `x_t = (1 - t) x_0 + t eps`, `t` in [0, 1] (`t = 0` clean), target velocity `v = eps - x_0`,
 `v_theta` the trained policy, `v_old` the sampling ("old") policy, `v_ref` the frozen base model. One iteration
 collects `K` images per prompt with the old policy, scores them, turns the rewards into optimality probabilities `r`,
-and trains on the forward process with the implicit positive and negative policies
+and trains on the forward process with the implicit positive and negative policies (`beta` = `nft_beta`, the NFT strength)
 
     v_pos = (1 - beta) v_old + beta v_theta
     v_neg = (1 + beta) v_old - beta v_theta
@@ -127,7 +127,7 @@ def nft_loss(
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     optimality: torch.Tensor,
-    beta: float = 1.0,
+    nft_beta: float = 1.0,
     loss_type: str = "x0_adaptive",
     advantage_clip: float = 5.0,
     reference_velocity: torch.Tensor | None = None,
@@ -139,7 +139,7 @@ def nft_loss(
 ) -> NFTLoss:
     r"""The DiffusionNFT loss on one batch of forward-process samples `x_t` at times `sigmas`.
 
-    With `v_pos`, `v_neg` the implicit policies (module docstring) and `r` = `optimality`:
+    With `v_pos`, `v_neg` the implicit policies (module docstring, `beta` = `nft_beta`) and `r` = `optimality`:
 
     `loss_type="velocity"` (the paper's loss):
         `L = mean_b[ r ||v_pos - v||^2 + (1 - r) ||v_neg - v||^2 ]`   (squared norms as means over elements)
@@ -161,8 +161,8 @@ def nft_loss(
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}.")
     old_velocity = old_velocity.detach()
-    positive_velocity = (1 - beta) * old_velocity + beta * policy_velocity
-    negative_velocity = (1 + beta) * old_velocity - beta * policy_velocity
+    positive_velocity = (1 - nft_beta) * old_velocity + nft_beta * policy_velocity
+    negative_velocity = (1 + nft_beta) * old_velocity - nft_beta * policy_velocity
     r = optimality.to(policy_velocity.dtype)
     negative_weight = (1 - r) if negative_loss else torch.zeros_like(r)
     weight = torch.ones_like(r) if sample_weights is None else sample_weights.to(r.dtype)
@@ -176,7 +176,7 @@ def nft_loss(
         t = _per_sample(sigmas, noisy)
         positive = _adaptive_x0_loss(noisy - t * positive_velocity, clean)
         negative = _adaptive_x0_loss(noisy - t * negative_velocity, clean)
-        policy_loss = (weight * advantage_clip * (r * positive + negative_weight * negative) / beta).mean()
+        policy_loss = (weight * advantage_clip * (r * positive + negative_weight * negative) / nft_beta).mean()
 
     kl = policy_loss.new_zeros(())
     if kl_coef > 0:

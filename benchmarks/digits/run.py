@@ -5,7 +5,7 @@ and the latest evaluation's images as PNG grids beside it.
 
     python benchmarks/digits/run.py --name default --max_steps 60 --eval_every 10
     python benchmarks/digits/run.py --name control --shuffle_rewards      # rewards permuted within each rollout
-    python benchmarks/digits/run.py --name beta0.1 --set beta=0.1         # any NFTConfig field
+    python benchmarks/digits/run.py --name beta0.1 --set nft_beta=0.1         # any NFTConfig field
     python benchmarks/digits/run.py --name gamed --add_reward jpeg_incompressibility:100  # a reward term to game
     python benchmarks/digits/run.py --name turbo --model digits-sd3-turbo   # the step-distilled model, its preset
 

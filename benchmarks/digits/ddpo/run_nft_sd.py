@@ -44,7 +44,7 @@ NFT_SETTINGS = {
     "train_timestep_fraction": 0.4,
     "use_peft": False,
     "learning_rate": 3e-4,
-    "beta": 1.0,
+    "nft_beta": 1.0,
     "advantage_clip": 1.0,
     "kl_coef": 0.0,
     "ema_decay": 0.0,
