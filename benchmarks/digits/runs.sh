@@ -20,7 +20,7 @@ case "$GROUP" in
     COMMON=(--max_steps 320 --eval_every 80)
     RUNS=(
       "no_negative --set negative_loss=false"
-      "beta0.1 --set beta=0.1"
+      "beta0.1 --set nft_beta=0.1"
       "on_policy --set old_policy_decay_schedule=on_policy"
       "constant0.9 --set old_policy_decay_schedule=constant old_policy_decay_max=0.9"
       "dpm2 --set sampler=DPMSolverMultistepScheduler"
@@ -33,7 +33,7 @@ case "$GROUP" in
     COMMON=(--eval_every 40)
     RUNS=(
       "gamed_clean --max_steps 320 --add_reward jpeg_compressibility:100"
-      "hack_beta0.1 --max_steps 800 --set beta=0.1"
+      "hack_beta0.1 --max_steps 800 --set nft_beta=0.1"
       "gamed_jpeg --max_steps 320 --add_reward jpeg_incompressibility:100"
       "hack_lr3e-3 --max_steps 640 --set learning_rate=3e-3"
     )
