@@ -42,7 +42,7 @@ def assert_the_saved_lora_reproduces_the_policy(trainer, build_fresh: Callable, 
         return np.asarray(output[0])  # the first output: `images`, or a video pipeline's `frames`
 
     trainer.pipeline.scheduler = trainer.adapter.model_scheduler  # as a fresh pipeline's
-    with trainer._evaluation_weights():
+    with trainer.policies.evaluation_weights():
         expected = images(trainer.pipeline)
     fresh = build_fresh()
     base = images(fresh)

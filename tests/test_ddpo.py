@@ -158,7 +158,7 @@ def test_a_script_saving_through_the_pipeline(pretrained_model, tmp_path):
     inputs = (torch.randn(2, 4, 8, 8), torch.tensor([500, 50]), torch.randn(2, 77, 32))
     with torch.no_grad():
         trained = pipeline.unet(*inputs).sample
-        with trainer._evaluation_weights():  # what trainer.save_model() writes: the EMA of the trained weights
+        with trainer.policies.evaluation_weights():  # what trainer.save_model() writes: the EMA of the trained weights
             result = pipeline.unet(*inputs).sample
     # The folder is a pipeline whose UNet has no LoRA layers in it (DDPO wrote them in, so that it reloaded with
     # random attention weights), with the LoRA beside it: diffusers' loaders, or DDPO's pipeline, restore the result.
@@ -179,7 +179,7 @@ def test_a_script_saving_through_the_pipeline(pretrained_model, tmp_path):
     continued = DDPOTrainer(quick_config(logdir=str(tmp_path / "more")), brightness_scorer, cat_prompt, again)
     with torch.no_grad():
         assert torch.allclose(continued.sd_pipeline.unet(*inputs).sample, result, atol=1e-5)
-    assert continued.lora_config.r == 4  # DDPO's LoRA
+    assert continued.policies.lora_config.r == 4  # DDPO's LoRA
 
 
 def test_the_fully_fine_tuned_pipeline_saves_and_reloads(pretrained_model, tmp_path):
@@ -190,7 +190,7 @@ def test_the_fully_fine_tuned_pipeline_saves_and_reloads(pretrained_model, tmp_p
 
     inputs = (torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 77, 32))
     reloaded = DefaultDDPOStableDiffusionPipeline(str(tmp_path / "saved"), use_lora=False)
-    with torch.no_grad(), trainer._evaluation_weights():
+    with torch.no_grad(), trainer.policies.evaluation_weights():
         assert torch.allclose(reloaded.unet(*inputs).sample, pipeline.unet(*inputs).sample, atol=1e-5)
     assert not reloaded.use_lora
 

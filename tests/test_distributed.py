@@ -45,7 +45,7 @@ SCRIPT = textwrap.dedent(
     trainer._generate_and_score = recording
     trainer.train()
     records["world_size"] = trainer.accelerator.num_processes
-    records["trained"] = [p.detach().sum().item() for p in trainer._trained_params]
+    records["trained"] = [p.detach().sum().item() for p in trainer.policies.trained]
     with open(f"{sys.argv[1]}/rank{trainer.accelerator.process_index}.json", "w") as f:
         json.dump(records, f)
     trainer.accelerator.wait_for_everyone()  # no rank tears down the group while another still uses it

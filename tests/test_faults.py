@@ -131,7 +131,7 @@ def test_a_step_with_non_finite_gradients_is_skipped_and_counted(make_config, pr
     on_step_end = trainer.callback_handler.on_step_end
 
     def record(args, state, control):
-        snapshots.append([param.detach().clone() for param in trainer._trained_params])
+        snapshots.append([param.detach().clone() for param in trainer.policies.trained])
         return on_step_end(args, state, control)
 
     trainer.callback_handler.on_step_end = record
@@ -140,7 +140,7 @@ def test_a_step_with_non_finite_gradients_is_skipped_and_counted(make_config, pr
     assert _logged(trainer, "faults/nonfinite_steps_skipped") == [0.0, 1.0, 0.0]
     assert all(torch.equal(a, b) for a, b in zip(snapshots[0], snapshots[1], strict=True))  # step 2 changed nothing
     assert not all(torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2], strict=True))  # step 3 trained
-    assert all(torch.isfinite(param).all() for param in trainer._trained_params)
+    assert all(torch.isfinite(param).all() for param in trainer.policies.trained)
 
 
 def test_too_many_non_finite_steps_in_a_row_stop_the_run(make_config, prompts_dataset):

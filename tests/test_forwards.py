@@ -12,6 +12,7 @@ from torch._dynamo.utils import counters
 from transformers import TrainerCallback
 
 from trl_nft import DiffusionNFTTrainer, build_tiny_sd3
+from trl_nft.embedded.tiny_flux import build_tiny_flux
 from trl_nft.forwards import compile_repeated_blocks
 
 
@@ -64,13 +65,13 @@ def test_full_fine_tuning_runs_in_bf16_mixed_precision(make_config, prompts_data
         "tiny-sd3", "jpeg_compressibility", args=config, train_dataset=prompts_dataset, eval_dataset=prompts_dataset
     )
     outputs = []
-    for module in (trainer.old_model, trainer.ref_model, trainer.model):
+    for module in (trainer.policies.old_model, trainer.policies.ref_model, trainer.model):
         module.register_forward_hook(lambda module, args, output: outputs.append(output[0].dtype))
-    old_before = [p.detach().clone() for p in trainer.old_model.parameters()]
+    old_before = [p.detach().clone() for p in trainer.policies.old_model.parameters()]
     trainer.train()
-    assert {p.dtype for p in trainer.old_model.parameters()} == {torch.float32}
+    assert {p.dtype for p in trainer.policies.old_model.parameters()} == {torch.float32}
     assert set(outputs[: config.num_inference_steps]) == {torch.bfloat16}  # the rollout, old policy under autocast
-    assert any(not torch.equal(a, b) for a, b in zip(old_before, trainer.old_model.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(old_before, trainer.policies.old_model.parameters(), strict=True))
     assert math.isfinite(trainer.state.log_history[-2]["eval_reward"])
 
 
@@ -81,7 +82,7 @@ def test_old_and_reference_velocities_from_one_forward_equal_two_forwards(make_c
     config = make_config(kl_coef=1e-2, num_inference_steps=2, per_device_train_batch_size=4)
     trainer = DiffusionNFTTrainer(model, "jpeg_compressibility", args=config, train_dataset=Dataset.from_list(ROWS))
     with torch.no_grad():  # an old policy away from the base, so that the two halves differ
-        for param in trainer._old_params:
+        for param in trainer.policies.old:
             param.add_(torch.randn_like(param), alpha=0.1)
     rollout = trainer._generate_and_score(ROWS[:4])
     noisy, sigmas, conditioning = torch.randn_like(rollout["latents"]), torch.rand(4), rollout["conditioning"]
@@ -96,9 +97,9 @@ def test_old_and_reference_velocities_from_one_forward_equal_two_forwards(make_c
     assert batch_sizes == [8, 8]  # one forward per time, for both policies
     for sample in samples:
         with torch.no_grad():
-            with trainer._acting_as_old_policy() as old_policy:
+            with trainer.policies.acting_as_old() as old_policy:
                 old = trainer.adapter.predict_velocity(old_policy, sample["noisy"], sample["sigmas"], conditioning)
-            with trainer._acting_as_reference() as reference:
+            with trainer.policies.acting_as_reference() as reference:
                 base = trainer.adapter.predict_velocity(reference, sample["noisy"], sample["sigmas"], conditioning)
         torch.testing.assert_close(sample["old_velocity"], old, atol=1e-5, rtol=0)
         torch.testing.assert_close(sample["reference_velocity"], base, atol=1e-5, rtol=0)
@@ -167,7 +168,7 @@ def test_torch_compile_compiles_each_policys_blocks_once_and_trains_as_eager(
         compiled = trainer(
             4, torch_compile=True, torch_compile_backend="aot_eager", eval_strategy="steps", eval_steps=1
         )
-        graphs = _GraphCounts(compiled._trained_params)
+        graphs = _GraphCounts(compiled.policies.trained)
         compiled.add_callback(graphs)
         compiled.train()
     finally:
@@ -181,7 +182,7 @@ def test_torch_compile_compiles_each_policys_blocks_once_and_trains_as_eager(
     assert torch._dynamo.config.recompile_limit == recompile_limit  # raised while training only
     # The first step makes the training graphs, the evaluation after it its own; nothing recompiles after that.
     assert graphs.per_step[0] > 0 and graphs.per_step[2:] == [graphs.per_step[1]] * 2
-    for a, b in zip(graphs.after_first_step, eager._trained_params, strict=True):
+    for a, b in zip(graphs.after_first_step, eager.policies.trained, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
@@ -195,3 +196,20 @@ def test_compile_repeated_blocks_takes_the_outermost_lists_of_identical_blocks()
     assert inner[0]._compiled_call_impl is None and model.head[0]._compiled_call_impl is None
     with pytest.raises(ValueError, match="no repeated blocks"):
         compile_repeated_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)), backend="eager")
+
+
+def test_a_model_that_names_its_blocks_is_compiled_by_diffusers_own_regional_compilation(monkeypatch):
+    transformer = build_tiny_flux().transformer
+    assert transformer._repeated_blocks  # FluxTransformerBlock, FluxSingleTransformerBlock
+    calls = []
+    diffusers_compile = type(transformer).compile_repeated_blocks
+
+    def recorded(self, **kwargs):
+        calls.append(kwargs)
+        return diffusers_compile(self, **kwargs)
+
+    monkeypatch.setattr(type(transformer), "compile_repeated_blocks", recorded)
+    count = compile_repeated_blocks(transformer, backend="eager")
+    assert calls == [{"backend": "eager"}]
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    assert count == len(blocks) and all(block._compiled_call_impl is not None for block in blocks)

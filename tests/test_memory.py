@@ -76,9 +76,9 @@ def test_predicted_lora_and_optimizer_bytes_equal_the_trainers(tmp_path, prompts
     estimate = estimate_memory("tiny-flux", args)
     trainer = DiffusionNFTTrainer("tiny-flux", "jpeg_compressibility", args=args, train_dataset=prompts_dataset)
     trainer.train()
-    adapters = trainer._trained_params + trainer._old_params + trainer._ema_params
+    adapters = trainer.policies.trained + trainer.policies.old + trainer.policies.ema
     assert estimate.lora == sum(t.numel() * t.element_size() for t in adapters)
-    assert estimate.gradients == sum(p.numel() * 4 for p in trainer._trained_params)
+    assert estimate.gradients == sum(p.numel() * 4 for p in trainer.policies.trained)
     moments = [t for state in trainer.optimizer.state.values() for key, t in state.items() if key != "step"]
     assert estimate.optimizer == sum(t.numel() * t.element_size() for t in moments)
 
@@ -118,7 +118,7 @@ def test_predicted_activations_are_within_25_percent_of_the_profiled_peaks(
     batch = trainer._generate_and_score([long_prompts[i] for i in range(4)])
     trainer.model.train()
     measured_training = _profiled_peak(lambda: trainer._train_micro_step(trainer.model, batch))
-    with torch.no_grad(), trainer._acting_as_old_policy() as old_policy:
+    with torch.no_grad(), trainer.policies.acting_as_old() as old_policy:
         sigmas = batch["time_grid"][:1].repeat(4)
         predict = trainer.adapter.predict_velocity
         measured_rollout = _profiled_peak(lambda: predict(old_policy, batch["latents"], sigmas, batch["conditioning"]))

@@ -138,7 +138,7 @@ def _evaluation_sample(trainer: DiffusionNFTTrainer, prompt: str, condition, see
     sampling path), as `[H, W, 3]` (a video: `[F, H, W, 3]`) in [0, 1]."""
     args, adapter = trainer.args, trainer.adapter
     conditions = None if condition is None else [condition if isinstance(condition, list) else [condition]]
-    with torch.no_grad(), trainer._evaluation_weights(), trainer._evaluation_sampler():
+    with torch.no_grad(), trainer.policies.evaluation_weights(), trainer._evaluation_sampler():
         adapter.denoiser.eval()
         conditioning = adapter.encode_conditions([prompt], conditions, trainer.resolution)
         steps = args.eval_num_inference_steps or args.num_inference_steps

@@ -82,7 +82,7 @@ def test_a_quantized_base_trains_its_lora_only_and_the_lora_loads_unquantized(
     fresh.load_lora_weights(str(output_dir))
     saved = load_file(output_dir / "pytorch_lora_weights.safetensors")
     loaded = {_without_adapter_name(n): p.detach() for n, p in fresh.transformer.named_parameters() if ".lora_" in n}
-    assert len(loaded) == len(saved) == len(trainer._trained_params)
+    assert len(loaded) == len(saved) == len(trainer.policies.trained)
     for name, value in saved.items():  # the adapter reloads exactly, into the unquantized denoiser
         torch.testing.assert_close(loaded[name.removeprefix("transformer.")], value, atol=0, rtol=0)
 
@@ -101,7 +101,7 @@ def test_the_old_and_reference_forward_stays_fused_and_exact_on_a_quantized_base
     rows = Dataset.from_dict({"prompt": [f"a photo of object number {i}" for i in range(4)]})
     trainer = DiffusionNFTTrainer("tiny-flux", "jpeg_compressibility", args=config, train_dataset=rows)
     with torch.no_grad():
-        for param in trainer._old_params:
+        for param in trainer.policies.old:
             param.add_(torch.randn_like(param), alpha=0.1)
     rollout = trainer._generate_and_score([rows[i] for i in range(4)])
     noisy, sigmas, conditioning = torch.randn_like(rollout["latents"]), torch.rand(4), rollout["conditioning"]
@@ -115,9 +115,9 @@ def test_the_old_and_reference_forward_stays_fused_and_exact_on_a_quantized_base
     hook.remove()
     assert batch_sizes == [8]
     with torch.no_grad():
-        with trainer._acting_as_old_policy() as old_policy:
+        with trainer.policies.acting_as_old() as old_policy:
             old = trainer.adapter.predict_velocity(old_policy, noisy, sigmas, conditioning)
-        with trainer._acting_as_reference() as reference:
+        with trainer.policies.acting_as_reference() as reference:
             base = trainer.adapter.predict_velocity(reference, noisy, sigmas, conditioning)
     torch.testing.assert_close(samples[0]["old_velocity"], old, atol=1e-5, rtol=0)
     torch.testing.assert_close(samples[0]["reference_velocity"], base, atol=1e-5, rtol=0)

@@ -12,11 +12,9 @@ from reward_models import save_tiny_clip
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor, SwinConfig
 
 from trl_nft import DiffusionNFTTrainer, get_reward
+from trl_nft.prompt_formats import GENEVAL_CLASSES, GENEVAL_COLORS, GENEVAL_TASKS, parse_metadata
 from trl_nft.prompts.geneval import geneval_prompts, load_geneval_metadata
 from trl_nft.rewards.geneval import (
-    GENEVAL_CLASSES,
-    GENEVAL_COLORS,
-    GENEVAL_TASKS,
     Detection,
     color_crop,
     color_queries,
@@ -26,7 +24,6 @@ from trl_nft.rewards.geneval import (
     geneval_summary,
     instance_detections,
     keep_detections,
-    parse_metadata,
     relative_position,
 )
 

@@ -8,7 +8,8 @@ from datasets import Dataset
 from PIL import Image
 
 from trl_nft import DiffusionNFTTrainer, get_reward
-from trl_nft.rewards.ocr import levenshtein, ocr_reward, quoted_text, save_doctr_checkpoint
+from trl_nft.prompt_formats import quoted_text
+from trl_nft.rewards.ocr import levenshtein, ocr_reward, save_doctr_checkpoint
 
 
 @pytest.mark.parametrize(

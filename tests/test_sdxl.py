@@ -65,10 +65,10 @@ def test_velocity_is_that_of_the_pipelines_own_unet_call(prediction_type):
 def test_guided_rollouts_train(make_config, prompts_dataset):
     config = make_config(guidance_scale=3.0, max_steps=1)
     trainer = DiffusionNFTTrainer("tiny-sdxl", "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
-    trained = [param.detach().clone() for param in trainer._trained_params]
+    trained = [param.detach().clone() for param in trainer.policies.trained]
     trainer.train()
     assert trainer.state.global_step == 1
-    assert any(not torch.equal(old, new) for old, new in zip(trained, trainer._trained_params, strict=True))
+    assert any(not torch.equal(old, new) for old, new in zip(trained, trainer.policies.trained, strict=True))
 
 
 def test_a_pipeline_without_unet_is_refused(make_config, prompts_dataset):

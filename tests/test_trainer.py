@@ -9,9 +9,10 @@ import safetensors.torch
 import torch
 from datasets import Dataset
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers.training_utils import offload_models
 from transformers import TrainerCallback
 
-from trl_nft import DiffusionNFTTrainer, build_tiny_sd3
+from trl_nft import DiffusionNFTTrainer, build_tiny_sd3, nft_trainer
 from trl_nft.objective import NOISE_LEVEL_BUCKETS
 from trl_nft.prompt_cache import PromptEmbeddingCache
 
@@ -51,12 +52,12 @@ def test_train_logs_the_documented_metrics(make_config, prompts_dataset):
 def test_trained_adapter_changes_and_old_adapter_follows_its_schedule(make_config, prompts_dataset):
     config = make_config(old_policy_decay_schedule="constant", old_policy_decay_max=0.75, max_steps=1)
     trainer = DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
-    before = [p.detach().clone() for p in trainer._trained_params]
+    before = [p.detach().clone() for p in trainer.policies.trained]
     trainer.train()
-    after = trainer._trained_params
+    after = trainer.policies.trained
     assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
     # One step from a shared start: old = 0.75 old + 0.25 new.
-    for old, start, new in zip(trainer._old_params, before, after, strict=True):
+    for old, start, new in zip(trainer.policies.old, before, after, strict=True):
         torch.testing.assert_close(old, 0.75 * start + 0.25 * new.detach())
 
 
@@ -75,8 +76,8 @@ def test_several_optimizer_steps_per_rollout_share_one_old_policy(make_config, p
 
     class Watch(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            trained = [p.detach().clone() for p in trainer._trained_params]
-            old = [p.detach().clone() for p in trainer._old_params]
+            trained = [p.detach().clone() for p in trainer.policies.trained]
+            old = [p.detach().clone() for p in trainer.policies.old]
             old_policy_at_step_end.append((trained, old))
 
     generate = trainer._generate_and_score
@@ -87,7 +88,7 @@ def test_several_optimizer_steps_per_rollout_share_one_old_policy(make_config, p
 
     trainer._generate_and_score = counted
     trainer.add_callback(Watch())  # runs after the soft updates
-    start = [p.detach().clone() for p in trainer._trained_params]
+    start = [p.detach().clone() for p in trainer.policies.trained]
     trainer.train()
 
     assert len(rollouts) == 2 and all(len(prompts) == 32 for prompts in rollouts)
@@ -256,7 +257,7 @@ def test_the_prompt_embedding_cache_encodes_a_prompt_once_across_rollouts_and_ch
         for encoder in trainer.adapter.text_encoders:
             encoder.register_forward_hook(lambda *args: calls.append(1))
         trainer.train()
-        return [p.detach().clone() for p in trainer._trained_params], len(calls), trainer
+        return [p.detach().clone() for p in trainer.policies.trained], len(calls), trainer
 
     cached, cached_calls, trainer = run(4)
     bounded, bounded_calls, bounded_trainer = run(2)
@@ -269,18 +270,25 @@ def test_the_prompt_embedding_cache_encodes_a_prompt_once_across_rollouts_and_ch
         torch.testing.assert_close(b, c, atol=1e-6, rtol=0)
 
 
-def test_offloaded_text_encoders_and_vae_are_on_the_device_exactly_while_sampling(make_config, prompts_dataset):
+def test_offloaded_text_encoders_and_vae_are_on_the_device_exactly_while_sampling(
+    make_config, prompts_dataset, monkeypatch
+):
     """With `offload_text_encoders_and_vae`, every text-encoder and VAE call (rollouts, evaluation) happens while they
     are on the accelerator, and every training forward while they are in CPU memory. A CPU has one device, so the test
-    follows where each module is asked to be: moves to the accelerator are recorded and skipped."""
+    follows where each module is asked to be: diffusers' `offload_models` is given an "accelerator" device, whose
+    moves are recorded and skipped."""
     config = make_config(offload_text_encoders_and_vae=True, eval_strategy="steps", eval_steps=1)
     trainer = DiffusionNFTTrainer(
         "tiny-sd3", "jpeg_compressibility", args=config, train_dataset=prompts_dataset, eval_dataset=prompts_dataset
     )
     offloaded = [*trainer.adapter.text_encoders, trainer.pipeline.vae]
-    assert trainer._idle_offload.modules == offloaded
+    assert trainer._offloaded == offloaded
     where = {id(module): "cpu" for module in offloaded}  # moved out when the trainer was built
-    trainer._idle_offload.device = "accelerator"
+
+    def to_the_accelerator(*modules, device, offload):
+        return offload_models(*modules, device="accelerator", offload=offload)
+
+    monkeypatch.setattr(nft_trainer, "offload_models", to_the_accelerator)
     for module in offloaded:
 
         def recorded_to(device, module=module, to=module.to):
@@ -356,9 +364,9 @@ def test_full_fine_tuning_uses_an_ema_old_policy(make_config, prompts_dataset, t
     trainer.train()
     trained = list(trainer.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(trained, start, strict=True))
-    for old, first, new in zip(trainer.old_model.parameters(), start, trained, strict=True):
+    for old, first, new in zip(trainer.policies.old_model.parameters(), start, trained, strict=True):
         torch.testing.assert_close(old, 0.001 * first + 0.999 * new.detach())
-    for ref, first in zip(trainer.ref_model.parameters(), start, strict=True):
+    for ref, first in zip(trainer.policies.ref_model.parameters(), start, strict=True):
         assert torch.equal(ref, first)
     # What is saved is the EMA of the trained weights, whose decay is min(1 / 10, 0.9) after the first step.
     trainer.save_model(str(tmp_path / "full"))
@@ -386,7 +394,7 @@ def test_saved_lora_reproduces_the_trained_policy_in_a_fresh_pipeline(make_confi
     trainer.train()
     trainer.save_model(str(tmp_path / "lora"))
     prompts = ["a photo of object number 3", "something else"]
-    with trainer._evaluation_weights():  # what is saved and evaluated: the EMA of the trained weights
+    with trainer.policies.evaluation_weights():  # what is saved and evaluated: the EMA of the trained weights
         expected = _policy_images(trainer.pipeline, prompts)
 
     fresh = build_tiny_sd3()
@@ -400,7 +408,7 @@ def test_saved_lora_reproduces_the_trained_policy_in_a_fresh_pipeline(make_confi
 
 
 def _lora_weights(trainer):
-    params = trainer._trained_params + trainer._old_params + trainer._ema_params + trainer._reference_params
+    params = trainer.policies.trained + trainer.policies.old + trainer.policies.ema + trainer.policies.reference
     return [p.detach().clone() for p in params]
 
 
@@ -436,13 +444,13 @@ def test_a_refreshed_reference_is_the_policy_at_refresh_time(make_config, prompt
         use_peft=use_peft, reference_refresh_steps=2, kl_coef=1e-2, learning_rate=1e-2, ema_decay=0.0, max_steps=3
     )
     trainer = DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
-    initial = [p.detach().clone() for p in trainer._trained_params]
+    initial = [p.detach().clone() for p in trainer.policies.trained]
     seen = {}
 
     class Watch(TrainerCallback):  # added after the trainer's own callbacks: sees the step's refresh done
         def on_step_end(self, args, state, control, **kwargs):
-            trained = [p.detach().clone() for p in trainer._trained_params]
-            seen[state.global_step] = (trained, [p.detach().clone() for p in trainer._reference_params])
+            trained = [p.detach().clone() for p in trainer.policies.trained]
+            seen[state.global_step] = (trained, [p.detach().clone() for p in trainer.policies.reference])
             if state.global_step == 2:
                 seen["velocities"] = _policy_and_reference_velocities(trainer)
 
@@ -464,7 +472,7 @@ def test_a_refreshed_reference_is_the_policy_at_refresh_time(make_config, prompt
         trainer.save_model(str(tmp_path / "lora"))
         saved = safetensors.torch.load_file(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"))
         adapters = {name: p for name, p in trainer.model.named_parameters() if ".default." in name}
-        assert len(saved) == len(adapters) == len(trainer._reference_params)
+        assert len(saved) == len(adapters) == len(trainer.policies.reference)
         for name, param in adapters.items():
             assert torch.equal(saved["transformer." + name.replace(".default.", ".")], param.detach())
 
@@ -479,7 +487,7 @@ def _policy_and_reference_velocities(trainer):
     with torch.no_grad():
         policy = trainer.adapter.predict_velocity(trainer.model, noisy, sigmas, conditioning)
         trainer._frozen_velocities([sample], conditioning)
-        with trainer._acting_as_reference() as reference_model:
+        with trainer.policies.acting_as_reference() as reference_model:
             reference = trainer.adapter.predict_velocity(reference_model, noisy, sigmas, conditioning)
         base = trainer.adapter.predict_velocity(build_tiny_sd3().transformer, noisy, sigmas, conditioning)
     return policy, sample["reference_velocity"], reference, base
@@ -494,7 +502,7 @@ def test_the_velocity_norm_penalty_reaches_the_loss_against_the_old_policy_witho
         trainer = DiffusionNFTTrainer("tiny-sd3", "jpeg_incompressibility", args=config, train_dataset=prompts_dataset)
         generator = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            for param in trainer._trained_params:
+            for param in trainer.policies.trained:
                 param.add_(torch.randn(param.shape, generator=generator), alpha=0.3)
         trainer.train()
         return next(entry for entry in trainer.state.log_history if "loss" in entry)
@@ -555,7 +563,7 @@ def test_ema_of_the_trained_weights_is_evaluated_and_the_trained_weights_restore
 
     class Snapshot(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            snapshots.append([p.detach().clone() for p in trainer._trained_params])
+            snapshots.append([p.detach().clone() for p in trainer.policies.trained])
 
     trainer = DiffusionNFTTrainer(
         "tiny-sd3",
@@ -564,23 +572,25 @@ def test_ema_of_the_trained_weights_is_evaluated_and_the_trained_weights_restore
         train_dataset=prompts_dataset,
         callbacks=[Snapshot()],
     )
-    start = [p.detach().clone() for p in trainer._trained_params]
+    start = [p.detach().clone() for p in trainer.policies.trained]
     trainer.train()
     # The released warm-up: decay min((1 + s) / (10 + s), 0.9) at 0-based step s, i.e. 1/10 then 2/11.
-    for ema, first, step1, step2 in zip(trainer._ema_params, start, *snapshots, strict=True):
+    for ema, first, step1, step2 in zip(trainer.policies.ema, start, *snapshots, strict=True):
         after_one = 0.1 * first + 0.9 * step1
         torch.testing.assert_close(ema, 2 / 11 * after_one + 9 / 11 * step2)
 
     seen = []
 
     def probe(images, prompts, **kwargs):
-        seen.append(all(torch.equal(p, e) for p, e in zip(trainer._trained_params, trainer._ema_params, strict=True)))
+        seen.append(
+            all(torch.equal(p, e) for p, e in zip(trainer.policies.trained, trainer.policies.ema, strict=True))
+        )
         return [0.0] * len(images)
 
     trainer.reward_funcs = [probe]
     trainer.evaluate(eval_dataset=prompts_dataset.select(range(2)))
     assert seen == [True]
-    for param, trained in zip(trainer._trained_params, snapshots[-1], strict=True):
+    for param, trained in zip(trainer.policies.trained, snapshots[-1], strict=True):
         assert torch.equal(param, trained)
 
 
@@ -674,7 +684,7 @@ def test_activation_checkpointing_gives_the_same_update(make_config, prompts_dat
 
     plain, checkpointed = trained(), trained(activation_checkpointing=True)
     assert checkpointed.model.gradient_checkpointing
-    for a, b in zip(checkpointed._trained_params, plain._trained_params, strict=True):
+    for a, b in zip(checkpointed.policies.trained, plain.policies.trained, strict=True):
         torch.testing.assert_close(a, b)
 
 
@@ -707,7 +717,7 @@ def test_overlapped_reward_scoring_runs_in_the_background_and_changes_nothing(ma
         trainer = DiffusionNFTTrainer("tiny-sd3", reward, args=config, train_dataset=prompts_dataset)
         threads.clear()  # the reward probe at construction runs in the main thread
         trainer.train()
-        runs.append(([p.detach().clone() for p in trainer._trained_params], trainer.state.log_history))
+        runs.append(([p.detach().clone() for p in trainer.policies.trained], trainer.state.log_history))
         assert (threading.get_ident() in threads) != overlap
     (params_sync, logs_sync), (params_async, logs_async) = runs
     assert [entry["reward"] for entry in logs_sync if "reward" in entry] == [

@@ -285,16 +285,16 @@ def test_old_and_reference_velocities_from_one_forward_of_the_doubled_conditioni
         "tiny-wan-i2v", "jpeg_compressibility", args=config, train_dataset=Dataset.from_list(rows)
     )
     with torch.no_grad():  # an old policy away from the base, so that the two halves differ
-        for param in trainer._old_params:
+        for param in trainer.policies.old:
             param.add_(torch.randn_like(param), alpha=0.1)
     rollout = trainer._generate_and_score(rows)
     noisy, sigmas, conditioning = torch.randn_like(rollout["latents"]), torch.rand(4), rollout["conditioning"]
     sample = {"noisy": noisy, "sigmas": sigmas}
     with torch.no_grad():
         trainer._frozen_velocities([sample], conditioning)
-        with trainer._acting_as_old_policy() as old_policy:
+        with trainer.policies.acting_as_old() as old_policy:
             old = trainer.adapter.predict_velocity(old_policy, noisy, sigmas, conditioning)
-        with trainer._acting_as_reference() as reference:
+        with trainer.policies.acting_as_reference() as reference:
             base = trainer.adapter.predict_velocity(reference, noisy, sigmas, conditioning)
     torch.testing.assert_close(sample["old_velocity"], old, atol=1e-5, rtol=0)
     torch.testing.assert_close(sample["reference_velocity"], base, atol=1e-5, rtol=0)

@@ -37,8 +37,8 @@ from .checkpointing import newest_whole_checkpoint
 from .model_card import write_trainer_model_card
 from .models.sd import StableDiffusionAdapter
 from .nft_config import NFTConfig
-from .nft_trainer import TRAINED_ADAPTER, DiffusionNFTTrainer
-from .objective import soft_update_
+from .nft_trainer import DiffusionNFTTrainer
+from .policies import TRAINED_ADAPTER
 from .policy_files import LORA_WEIGHTS_NAME, load_policy, save_policy
 from .rewards import to_tensor
 
@@ -452,7 +452,7 @@ class DefaultDDPOStableDiffusionPipeline(DDPOStableDiffusionPipeline):
         LoRA beside it in diffusers' format (`pytorch_lora_weights.safetensors`: `load_lora_weights(output_dir)`,
         or `DefaultDDPOStableDiffusionPipeline(output_dir)` for both). The UNet is written without its LoRA layers
         (DDPO wrote them into it, so that the folder reloaded with random attention weights)."""
-        with self._trainer._evaluation_weights() if self._trainer is not None else contextlib.nullcontext():
+        with self._trainer.policies.evaluation_weights() if self._trainer is not None else contextlib.nullcontext():
             if self.use_lora and _lora_adapter(self.unet) is not None:
                 self.save_checkpoint([self.unet], [], output_dir)
             components = {**self.sd_pipeline.components, "unet": _without_lora(self.unet)}
@@ -648,7 +648,7 @@ class DDPOTrainer(DiffusionNFTTrainer):
         self._tracker = self._init_trackers(config)
         self.num_train_timesteps = max(1, int(config.sample_num_steps * config.train_timestep_fraction))
         self.autocast = sd_pipeline.autocast or self.accelerator.autocast
-        self.trainable_layers = self._trained_params if self.use_lora else self.model
+        self.trainable_layers = self.policies.trained if self.policies.use_lora else self.model
         if config.async_reward_computation:
             self.executor = ThreadPoolExecutor(max_workers=config.max_workers)
         self.first_epoch = 0
@@ -669,13 +669,11 @@ class DDPOTrainer(DiffusionNFTTrainer):
             self._prompt_metadata.append(metadata)
         return Dataset.from_dict({"prompt": self._prompts, "ddpo_prompt_index": list(range(len(self._prompts)))})
 
-    def _setup_policies(self, denoiser: torch.nn.Module, args: NFTConfig, peft_config: LoraConfig | None) -> None:
-        super()._setup_policies(denoiser, args, peft_config)
+    def _setup_policies(self, args: NFTConfig, peft_config: LoraConfig | None) -> None:
+        super()._setup_policies(args, peft_config)
         if self._initial_lora is not None:  # the LoRA the pipeline came with: training continues it
-            set_peft_model_state_dict(denoiser, self._initial_lora, adapter_name=TRAINED_ADAPTER)
-            for frozen in (self._old_params, self._reference_params):  # the frozen policies start as copies
-                if frozen:
-                    soft_update_(frozen, self._trained_params, decay=0.0)
+            set_peft_model_state_dict(self.adapter.denoiser, self._initial_lora, adapter_name=TRAINED_ADAPTER)
+            self.policies.start_frozen_as_trained()
 
     def _init_trackers(self, config: DDPOConfig) -> GeneralTracker | None:
         """Start `log_with`'s trackers as DDPO did (`Accelerator(log_with=..., project_config=...)`, then

@@ -81,21 +81,24 @@ def repeated_blocks(module: nn.Module) -> list[nn.Module]:
 
 def compile_repeated_blocks(module: nn.Module, **compile_kwargs) -> int:
     """Compile, in place, each repeated block of the denoiser `module` (regional compilation: one graph serves every
-    block of a class, so compiling takes seconds, not minutes) and return how many. The blocks are the classes the model
-    names in diffusers' `_repeated_blocks`, else the entries of every `nn.ModuleList` of two or more modules of one
-    class (SD3's `transformer_blocks`, SANA's, ...), outermost first. In place, so the pipeline's rollouts, the frozen
-    forwards and the training forward all run the compiled blocks; `compile_kwargs` go to `torch.compile`. Run them
-    within `compiled_blocks_settings`."""
+    block of a class, so compiling takes seconds, not minutes) and return how many. A model that names its block classes
+    in `_repeated_blocks` (FLUX, Qwen-Image, Wan, ...) is compiled by diffusers' own
+    `ModelMixin.compile_repeated_blocks`; for the others (SD3, SANA) the blocks are the entries of every `nn.ModuleList`
+    of two or more modules of one class, outermost first. In place, so the pipeline's rollouts, the frozen forwards and
+    the training forward all run the compiled blocks; `compile_kwargs` go to `torch.compile`. Run them within
+    `compiled_blocks_settings`."""
     blocks = repeated_blocks(module)
-    for block in blocks:
-        block.compile(**compile_kwargs)
-    compiled = len(blocks)
-    if not compiled:
+    if getattr(module, "_repeated_blocks", None):
+        module.compile_repeated_blocks(**compile_kwargs)
+        return len(blocks)
+    if not blocks:
         raise ValueError(
             f"torch_compile: {type(module).__name__} has no repeated blocks to compile (no `_repeated_blocks` and no "
             "list of identical blocks); run without torch_compile."
         )
-    return compiled
+    for block in blocks:
+        block.compile(**compile_kwargs)
+    return len(blocks)
 
 
 #: Graphs dynamo may keep per compiled block: one per block structure (SD3.5-Medium: dual-attention, plain and last

@@ -3,12 +3,13 @@ functions and the dataset columns they need, and prompts the text encoders will 
 error naming the argument and the fix (or, for long prompts, one warning with the count)."""
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
+import torch
 from datasets import Dataset
 from transformers.utils import logging
 
-from .conditions import CONDITION_COLUMN, CONDITION_IMAGES_KEYWORD
+from .conditions import CONDITION_COLUMN, CONDITION_IMAGES_KEYWORD, check_condition_images, check_image_conditioning
 from .rewards import RewardFunc, get_reward, needs_condition_images, required_columns, reward_name
 from .rewards.base import RESERVED_KEYWORDS
 
@@ -16,6 +17,7 @@ from .rewards.base import RESERVED_KEYWORDS
 # `trl nft` runs the column checks before it launches, on the columns alone, without importing the model families.
 if TYPE_CHECKING:
     from .models import DiffusionAdapter
+    from .nft_config import NFTConfig
 
 
 logger = logging.get_logger(__name__)
@@ -81,6 +83,63 @@ def resolve_reward_funcs(reward_funcs) -> tuple[list[Callable], list[str]]:
         resolved.append(func)
         names.append(reward_name(func))
     return resolved, names
+
+
+class ResolvedRewards(NamedTuple):
+    funcs: list[RewardFunc]  # the reward functions trained on, names resolved to registered rewards
+    names: list[str]
+    eval_funcs: list[RewardFunc]  # the held-out ones, scored only by evaluation
+    eval_names: list[str]
+    weights: torch.Tensor  # one per trained function
+
+
+def check_inputs_before_loading(
+    args: "NFTConfig", train_dataset: Dataset, eval_dataset: Dataset | None, reward_funcs, eval_reward_funcs
+) -> ResolvedRewards:
+    """What `DiffusionNFTTrainer` checks before it loads the model: the prompt datasets (enough rows for a rollout,
+    their condition images), the reward functions (resolved from names), the columns they need, that no two share a
+    name (their metrics would mix) and one weight per function."""
+    check_prompt_dataset(train_dataset, "train_dataset", args.prompts_per_rollout)
+    if eval_dataset is not None:
+        check_prompt_dataset(eval_dataset, "eval_dataset", 1)
+    for name, dataset in {"train_dataset": train_dataset, "eval_dataset": eval_dataset}.items():
+        if dataset is not None:
+            check_condition_images(dataset, name)
+    funcs, names = resolve_reward_funcs(reward_funcs)
+    eval_funcs, eval_names = resolve_reward_funcs(eval_reward_funcs) if eval_reward_funcs is not None else ([], [])
+    check_reward_columns(train_dataset, "train_dataset", funcs, names)
+    if eval_dataset is not None:
+        check_reward_columns(eval_dataset, "eval_dataset", funcs + eval_funcs, names + eval_names)
+    if len(set(names + eval_names)) < len(names + eval_names):
+        raise ValueError(
+            f"Two reward functions share a name ({', '.join(names + eval_names)}), so their metrics would mix; give "
+            "each a distinct name (its `__name__`, or the `name` attribute of a reward object)."
+        )
+    if args.reward_weights is None:
+        weights = torch.ones(len(funcs))
+    elif len(args.reward_weights) != len(funcs):
+        raise ValueError(
+            f"reward_weights has {len(args.reward_weights)} values for {len(funcs)} reward functions "
+            f"({', '.join(names)}); give one weight per function."
+        )
+    else:
+        weights = torch.tensor(args.reward_weights, dtype=torch.float32)
+    return ResolvedRewards(funcs, names, eval_funcs, eval_names, weights)
+
+
+def check_inputs_for_model(adapter: "DiffusionAdapter", train_dataset: Dataset, eval_dataset: Dataset | None) -> None:
+    """What `DiffusionNFTTrainer` checks once it knows the model family: condition images where the family needs them
+    (and none where it takes none), and one warning for the prompts its text encoders will truncate."""
+    for name, dataset in {"train_dataset": train_dataset, "eval_dataset": eval_dataset}.items():
+        if dataset is not None:
+            check_image_conditioning(
+                dataset,
+                name,
+                adapter.image_conditioning,
+                adapter.max_condition_images,
+                type(adapter.pipeline).__name__,
+            )
+    warn_about_long_prompts(adapter, train_dataset)
 
 
 def warn_about_long_prompts(adapter: "DiffusionAdapter", dataset: Dataset, most: int = 20_000) -> None:

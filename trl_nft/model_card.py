@@ -7,12 +7,13 @@ import os
 import textwrap
 
 import yaml
-from diffusers import SchedulerMixin
+from diffusers import DiffusionPipeline, SchedulerMixin
 from PIL import Image
 
 from .conditions import fingerprint
 from .embedded import EMBEDDED_MODELS
 from .media import save_gif
+from .model_names import resolve_model_name
 
 
 TAGS = ["trl", "trl-nft", "diffusion-nft", "diffusers"]  # and "lora" or "full-fine-tune"
@@ -166,6 +167,16 @@ def sampler_setup(scheduler: SchedulerMixin, model_scheduler: SchedulerMixin) ->
     return scheduler_class.__name__, settings
 
 
+def base_model_of(model: str | DiffusionPipeline, pipeline: DiffusionPipeline) -> tuple[str | None, str | None]:
+    """The base model for the model card: its Hub id (or embedded name), else the local folder it was loaded from."""
+    name = resolve_model_name(model) if isinstance(model, str) else getattr(pipeline, "name_or_path", None)
+    if not name:
+        return None, None
+    if name not in EMBEDDED_MODELS and os.path.isdir(name):
+        return None, os.path.abspath(name)
+    return (name, None) if name in EMBEDDED_MODELS or name.count("/") == 1 else (None, None)
+
+
 def write_trainer_model_card(trainer, output_dir: str, model_name: str | None = None, tags=None) -> str | None:
     """Write the model card of `trainer`'s run (a `DiffusionNFTTrainer`) to `output_dir` from the values the run used:
     its resolved sampler, resolution, guidance and prompt length, LoRA or full weights, the EMA; up to four samples of
@@ -194,7 +205,7 @@ def write_trainer_model_card(trainer, output_dir: str, model_name: str | None = 
     }
     call_code = adapter.pipeline_call_code(steps)
     takes_prompt_length = "max_sequence_length" in inspect.signature(type(pipeline).__call__).parameters
-    lora = trainer.lora_config
+    lora = trainer.policies.lora_config
     resolved = {  # what the run used, where the config says None ("the model's own", "the family's default")
         "sampler": type(pipeline.scheduler).__name__,
         "eval_sampler": type(evaluation_scheduler).__name__ if args.eval_sampler is not None else None,
@@ -202,7 +213,7 @@ def write_trainer_model_card(trainer, output_dir: str, model_name: str | None = 
         "guidance_scale": adapter.guidance_scale,
         "num_frames": adapter.num_frames,
         "max_sequence_length": adapter.max_sequence_length if takes_prompt_length else None,
-        "fine_tuning": "LoRA" if trainer.use_lora else "full",
+        "fine_tuning": "LoRA" if trainer.policies.use_lora else "full",
         "lora_r": lora.r if lora else None,
         "lora_alpha": lora.lora_alpha if lora else None,
         "lora_target_modules": _target_modules(lora.target_modules) if lora else None,
@@ -222,7 +233,7 @@ def write_trainer_model_card(trainer, output_dir: str, model_name: str | None = 
         samples=[(images[i], prompts[i]) for i in shown],
         sample_conditions=None if conditions is None else [conditions[i] for i in shown],
         citation=trainer._paper["citation"],
-        is_lora=trainer.use_lora,
+        is_lora=trainer.policies.use_lora,
         denoiser_name=adapter.denoiser_name,
         call_kwargs=call_kwargs,
         call_code=call_code,

@@ -2,13 +2,11 @@
 
 import contextlib
 import copy
-import json
 import logging as stdlib_logging
 import math
 import os
 import textwrap
 import time
-import warnings
 from collections import Counter, defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -17,7 +15,7 @@ import torch
 from accelerate.utils import DistributedType, TorchDynamoPlugin
 from datasets import Dataset
 from diffusers import DiffusionPipeline
-from diffusers.configuration_utils import FrozenDict
+from diffusers.training_utils import offload_models
 from peft import LoraConfig
 from PIL import Image
 from transformers import Trainer, TrainerCallback, set_seed
@@ -35,29 +33,24 @@ from .checkpointing import (
 )
 from .conditions import (
     CONDITION_IMAGES_KEYWORD,
-    check_condition_images,
-    check_image_conditioning,
     fingerprint,
     reward_columns,
     row_condition_images,
 )
 from .console import rollout_progress_bar, use_short_console_logs
-from .embedded import EMBEDDED_MODELS
 from .faults import NonFiniteStepGuard, explain_out_of_memory
 from .forwards import (
-    BASE_MODEL,
     compile_repeated_blocks,
     compiled_blocks_settings,
     mixed_adapter_batch,
     repeat_batch,
     weights_dtype_forward,
 )
-from .inputs import check_prompt_dataset, check_reward_columns, resolve_reward_funcs, warn_about_long_prompts
-from .model_card import write_trainer_model_card
-from .models import get_adapter, load_pipeline, resolve_model_name
+from .inputs import check_inputs_before_loading, check_inputs_for_model
+from .model_card import base_model_of, write_trainer_model_card
+from .models import get_adapter, load_pipeline
 from .nft_config import NFTConfig
 from .objective import (
-    ema_decay,
     forward_process,
     group_advantages,
     group_reward_std,
@@ -65,11 +58,9 @@ from .objective import (
     nft_loss,
     noise_level_means,
     noise_level_sums,
-    old_policy_decay,
     optimality_probability,
-    soft_update_,
 )
-from .offload import IdleOffload
+from .policies import OLD_ADAPTER, TRAINED_ADAPTER, TRAINED_POLICY_DIR, Policies, SoftUpdatesCallback, copy_, eval_mode
 from .policy_files import load_policy, save_policy
 from .prompt_cache import prompt_embedding_cache
 from .quantization import Quantization
@@ -81,16 +72,13 @@ from .randomness import (
     per_sample_randn,
     sample_generators,
 )
-from .reference import REFERENCE_ADAPTER, REFERENCE_POLICY_DIR, ReferenceRefreshCallback
+from .reference import ReferenceRefreshCallback
 from .rewards import RewardFunc, RewardModel
 from .rewards.scoring import RewardFailurePolicy, score_samples
 
 
 logger = logging.get_logger(__name__)
 
-OLD_POLICY_DIR = "old_policy"
-TRAINED_POLICY_DIR = "policy"  # in checkpoints with an EMA: the raw trained weights (the top level holds the EMA)
-TRAINED_ADAPTER, OLD_ADAPTER = "default", "old"
 _ROLLOUT_MEMORY_ADVICE = (
     "Rollouts sample {batch} images at a time: lower per_device_rollout_batch_size (which changes nothing else), or "
     "resolution (or num_frames)."
@@ -99,19 +87,6 @@ _TRAINING_MEMORY_ADVICE = (
     "A micro-step trains on per_device_train_batch_size={batch} images: lower it (and raise gradient_accumulation_steps to "
     "keep the images per optimizer step), or set activation_checkpointing=True."
 )
-
-
-class SoftUpdatesCallback(TrainerCallback):
-    """After each optimizer step `i`, soft-update the evaluation EMA toward the trained weights; after the last
-    optimizer step of each rollout, the old (sampling) policy too."""
-
-    def __init__(self, trainer: "DiffusionNFTTrainer"):
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.rollout_done():
-            self.trainer.update_old_policy(state.global_step // args.optimizer_steps_per_rollout)
-        self.trainer.update_ema(state.global_step)
 
 
 class DiffusionNFTTrainer(Trainer):
@@ -180,39 +155,9 @@ class DiffusionNFTTrainer(Trainer):
             model_name = model if isinstance(model, str) else type(model).__name__
             args = NFTConfig(output_dir=f"{model_name.split('/')[-1]}-NFT")
         # Everything cheap is checked before the model is loaded.
-        datasets = {"train_dataset": train_dataset, "eval_dataset": eval_dataset}
-        check_prompt_dataset(train_dataset, "train_dataset", args.prompts_per_rollout)
-        if eval_dataset is not None:
-            check_prompt_dataset(eval_dataset, "eval_dataset", 1)
-        for name, dataset in datasets.items():
-            if dataset is not None:
-                check_condition_images(dataset, name)
-        self.reward_funcs, self.reward_func_names = resolve_reward_funcs(reward_funcs)
-        self.eval_reward_funcs, self.eval_reward_func_names = (
-            resolve_reward_funcs(eval_reward_funcs) if eval_reward_funcs is not None else ([], [])
-        )
-        check_reward_columns(train_dataset, "train_dataset", self.reward_funcs, self.reward_func_names)
-        if eval_dataset is not None:
-            funcs, func_names = (
-                self.reward_funcs + self.eval_reward_funcs,
-                self.reward_func_names + self.eval_reward_func_names,
-            )
-            check_reward_columns(eval_dataset, "eval_dataset", funcs, func_names)
-        names = self.reward_func_names + self.eval_reward_func_names
-        if len(set(names)) < len(names):
-            raise ValueError(
-                f"Two reward functions share a name ({', '.join(names)}), so their metrics would mix; give each a "
-                "distinct name (its `__name__`, or the `name` attribute of a reward object)."
-            )
-        if args.reward_weights is None:
-            self.reward_weights = torch.ones(len(self.reward_funcs))
-        elif len(args.reward_weights) != len(self.reward_funcs):
-            raise ValueError(
-                f"reward_weights has {len(args.reward_weights)} values for {len(self.reward_funcs)} reward functions "
-                f"({', '.join(self.reward_func_names)}); give one weight per function."
-            )
-        else:
-            self.reward_weights = torch.tensor(args.reward_weights, dtype=torch.float32)
+        rewards = check_inputs_before_loading(args, train_dataset, eval_dataset, reward_funcs, eval_reward_funcs)
+        self.reward_funcs, self.reward_func_names, self.reward_weights = rewards.funcs, rewards.names, rewards.weights
+        self.eval_reward_funcs, self.eval_reward_func_names = rewards.eval_funcs, rewards.eval_names
 
         # The pipeline: frozen weights in the mixed-precision dtype, trained weights in float32.
         weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
@@ -220,7 +165,7 @@ class DiffusionNFTTrainer(Trainer):
         # A pipeline passed in keeps its own scheduler and progress bars: the trainer sets its own on a shallow copy,
         # which shares the components (docs/trainer.md, "A pipeline passed in", says what training changes in them).
         self.pipeline = copy.copy(load_pipeline(model, torch_dtype=weight_dtype, quantization=quantization))
-        self.base_model_id, self.base_model_path = _base_model(model, self.pipeline)  # for the model card
+        self.base_model_id, self.base_model_path = base_model_of(model, self.pipeline)  # for the model card
         self.pipeline.set_progress_bar_config(disable=True)
         self.adapter = get_adapter(
             self.pipeline,
@@ -228,16 +173,7 @@ class DiffusionNFTTrainer(Trainer):
             max_sequence_length=args.max_sequence_length,
             num_frames=args.num_frames,
         )
-        for name, dataset in datasets.items():
-            if dataset is not None:
-                check_image_conditioning(
-                    dataset,
-                    name,
-                    self.adapter.image_conditioning,
-                    self.adapter.max_condition_images,
-                    type(self.pipeline).__name__,
-                )
-        warn_about_long_prompts(self.adapter, train_dataset)
+        check_inputs_for_model(self.adapter, train_dataset, eval_dataset)
         self._prompt_cache = prompt_embedding_cache(args.prompt_embedding_cache_size, self.adapter)
         self.resolution = args.resolution or self.adapter.default_resolution()
         self.adapter.check_resolution(self.resolution)
@@ -248,13 +184,11 @@ class DiffusionNFTTrainer(Trainer):
             if isinstance(component, torch.nn.Module):
                 component.requires_grad_(False).eval()  # no dropout in frozen encoders, the VAE, or the reference
         denoiser = self.adapter.denoiser
-        _speak_transformers_trainer(denoiser)
         set_seed(args.seed)  # LoRA initialisation draws from the global generator
-        self._setup_policies(denoiser, args, peft_config)
+        self._setup_policies(args, peft_config)
         if args.torch_compile:  # the blocks, in place, instead of accelerate's whole-model compile of `model` only
-            for module in (denoiser, self.old_model, self.ref_model):
-                if module is not None:
-                    compile_repeated_blocks(module, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
+            for module in (denoiser, *self.policies.frozen_modules()):
+                compile_repeated_blocks(module, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
 
         super().__init__(
             model=denoiser,
@@ -275,14 +209,14 @@ class DiffusionNFTTrainer(Trainer):
                 "GPUs (accelerate runs them on CPU as independent processes), use --multi_gpu --use_cpu there."
             )
         self.pipeline.to(self.accelerator.device)
-        for module in (self.old_model, self.ref_model):
-            if module is not None:
-                module.to(self.accelerator.device)
-        self._idle_offload = IdleOffload(
-            [*self.adapter.text_encoders, self.pipeline.vae],
-            self.accelerator.device,
-            args.offload_text_encoders_and_vae,
+        self.policies.to(self.accelerator.device)  # and the EMA of the trained weights that evaluation and saving use
+        # With `offload_text_encoders_and_vae` these wait in CPU memory through the training micro-steps, where the
+        # memory peak is (SD3.5-Medium: T5-XXL's 9.5 GB); `_sampling_components()` brings them in for rollouts.
+        self._offloaded = (
+            [*self.adapter.text_encoders, self.pipeline.vae] if args.offload_text_encoders_and_vae else []
         )
+        for component in self._offloaded:
+            component.to("cpu")
         self._rollout_seconds = self._reward_seconds = 0.0  # of the current rollout, for the timing metrics
         self._scoring_thread = ThreadPoolExecutor(max_workers=1) if args.overlap_reward_scoring else None
         self._reward_failure_policy = RewardFailurePolicy(
@@ -295,14 +229,12 @@ class DiffusionNFTTrainer(Trainer):
         self._check_reward_funcs(train_dataset, self.reward_funcs, self.reward_func_names)
         if eval_dataset is not None and self.eval_reward_funcs:
             self._check_reward_funcs(eval_dataset, self.eval_reward_funcs, self.eval_reward_func_names)
-        # The EMA of the trained weights that evaluation and saving use (created here, on the training device).
-        self._ema_params = [p.detach().clone() for p in self._trained_params] if args.ema_decay > 0 else None
         self._metrics: dict[str, list[float]] = defaultdict(list)  # gathered here, averaged at each log
-        self.add_callback(SoftUpdatesCallback(self))
+        self.add_callback(SoftUpdatesCallback(self.policies, self.rollout_done, self._metrics))
         if args.reference_refresh_steps:
             every = args.reference_refresh_steps
-            self.add_callback(ReferenceRefreshCallback(self._trained_params, self._reference_params, every))
-        self.add_callback(NonFiniteStepGuard(self._trained_params, args.max_nonfinite_steps, self._metrics))
+            self.add_callback(ReferenceRefreshCallback(self.policies.trained, self.policies.reference, every))
+        self.add_callback(NonFiniteStepGuard(self.policies.trained, args.max_nonfinite_steps, self._metrics))
         if args.sample_logging_steps:
             self.add_callback(SampleLoggingCallback(self, args.sample_logging_steps, args.sample_logging_num_images))
         if args.early_stopping_reward is not None:
@@ -326,52 +258,9 @@ class DiffusionNFTTrainer(Trainer):
 
     # ------------------------------------------------------------------ set-up
 
-    def _setup_policies(self, denoiser: torch.nn.Module, args: NFTConfig, peft_config: LoraConfig | None) -> None:
-        """Trained, old and reference policies. With LoRA they share one denoiser: two adapters (trained + old), and
-        the reference is the denoiser with adapters disabled (with `reference_refresh_steps`, a third adapter). Fully
-        fine-tuned, the old policy is an EMA copy and the reference a frozen copy (only when `kl_coef > 0`)."""
-        self.use_lora = args.use_peft or peft_config is not None
-        self.old_model = self.ref_model = None
-        refreshed = args.reference_refresh_steps > 0  # needs kl_coef > 0 (NFTConfig checks)
-        self._reference_adapter = REFERENCE_ADAPTER if refreshed else BASE_MODEL
-        if self.use_lora:
-            self.lora_config = peft_config or LoraConfig(
-                r=args.lora_r,
-                lora_alpha=args.lora_alpha,
-                lora_dropout=args.lora_dropout,
-                init_lora_weights="gaussian",
-                target_modules=list(args.lora_target_modules or self.adapter.lora_target_modules),
-            )
-            denoiser.add_adapter(copy.deepcopy(self.lora_config), adapter_name=OLD_ADAPTER)
-            with warnings.catch_warnings():  # PEFT warns about a second adapter, which is the design here
-                warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-                denoiser.add_adapter(copy.deepcopy(self.lora_config), adapter_name=TRAINED_ADAPTER)
-                if refreshed:  # added last, so that the trained adapter's initialisation is that of any other run
-                    denoiser.add_adapter(copy.deepcopy(self.lora_config), adapter_name=REFERENCE_ADAPTER)
-            denoiser.set_adapter(TRAINED_ADAPTER)
-            names = dict(denoiser.named_parameters())
-            trained = [n for n in names if f".{TRAINED_ADAPTER}." in n]
-
-            def params_of(adapter_name: str) -> list[torch.Tensor]:
-                return [names[n.replace(f".{TRAINED_ADAPTER}.", f".{adapter_name}.")] for n in trained]
-
-            self._trained_params = params_of(TRAINED_ADAPTER)
-            self._old_params = params_of(OLD_ADAPTER)
-            self._reference_params = params_of(REFERENCE_ADAPTER) if refreshed else []
-            for param in self._trained_params + self._old_params + self._reference_params:
-                param.data = param.data.float()
-        else:
-            self.lora_config = None
-            denoiser.float().requires_grad_(True)
-            self.old_model = copy.deepcopy(denoiser).requires_grad_(False)
-            if args.kl_coef > 0:
-                self.ref_model = copy.deepcopy(denoiser).requires_grad_(False)
-            self._trained_params = list(denoiser.parameters())
-            self._old_params = list(self.old_model.parameters())
-            self._reference_params = list(self.ref_model.parameters()) if refreshed else []
-        soft_update_(self._old_params, self._trained_params, decay=0.0)  # the old policy starts as a copy
-        if refreshed:  # and so does a refreshed reference
-            soft_update_(self._reference_params, self._trained_params, decay=0.0)
+    def _setup_policies(self, args: NFTConfig, peft_config: LoraConfig | None) -> None:
+        """The trained, old and reference policies (`trl_nft.policies`)."""
+        self.policies = Policies(self.pipeline, self.adapter, args, peft_config)
 
     def _build_accelerator_args(self, **kwargs) -> dict:
         # `torch_compile` compiled the denoiser's blocks in place (see __init__); accelerate compiles nothing more.
@@ -447,52 +336,15 @@ class DiffusionNFTTrainer(Trainer):
 
     # ------------------------------------------------------------------ rollout and rewards
 
-    @contextlib.contextmanager
-    def _acting_as_old_policy(self):
-        """Within this context the pipeline's denoiser is the old (sampling) policy, in eval mode (no LoRA dropout)."""
-        denoiser = self.adapter.denoiser
-        if self.use_lora:
-            with self._acting_as_adapter(OLD_ADAPTER):
-                yield denoiser
-        else:
-            setattr(self.pipeline, self.adapter.denoiser_name, self.old_model)
-            try:
-                yield self.old_model
-            finally:
-                setattr(self.pipeline, self.adapter.denoiser_name, denoiser)
-
-    @contextlib.contextmanager
-    def _acting_as_adapter(self, adapter_name: str):
-        """Within this context the denoiser runs the frozen LoRA adapter `adapter_name`, in eval mode."""
-        denoiser = self.adapter.denoiser
-        denoiser.set_adapter(adapter_name)
-        with _eval_mode(denoiser):
-            try:
-                yield denoiser
-            finally:
-                denoiser.set_adapter(TRAINED_ADAPTER)
-
-    @contextlib.contextmanager
-    def _acting_as_reference(self):
-        """Within this context, the yielded module is the reference: the frozen base model, or with
-        `reference_refresh_steps` the policy of the latest refresh (`trl_nft.reference`)."""
-        if self.use_lora and self._reference_params:
-            with self._acting_as_adapter(REFERENCE_ADAPTER) as denoiser:
-                yield denoiser
-        elif self.use_lora:
-            denoiser = self.adapter.denoiser
-            denoiser.disable_adapters()
-            try:
-                yield denoiser
-            finally:
-                denoiser.enable_adapters()
-        else:
-            yield self.ref_model
+    def _sampling_components(self):
+        """Within this context the offloaded text encoders and VAE (if any) are on the training device (diffusers'
+        `offload_models`)."""
+        return offload_models(*self._offloaded, device=self.accelerator.device, offload=bool(self._offloaded))
 
     def _float32_weights_autocast(self):
         """Autocast for sampling when the weights are float32: full fine-tuning's old copy (which accelerate does not
         wrap) and its trained model (sampled past the wrapper). LoRA samples with its frozen bf16 weights as they are."""
-        return contextlib.nullcontext() if self.use_lora else self.accelerator.autocast()
+        return contextlib.nullcontext() if self.policies.use_lora else self.accelerator.autocast()
 
     def _sample_generators(self, stream: int, indices: list[int] | torch.Tensor) -> list[torch.Generator]:
         # Keyed by the samples' indices in the whole rollout, not by the process: see trl_nft/randomness.py.
@@ -620,8 +472,8 @@ class DiffusionNFTTrainer(Trainer):
         sample_index = torch.arange(local.start, local.stop)
         self._rollout_seconds = self._reward_seconds = 0.0
         with (
-            self._acting_as_old_policy(),
-            self._idle_offload.in_use(),
+            self.policies.acting_as_old(),
+            self._sampling_components(),
             explain_out_of_memory("the rollout", _ROLLOUT_MEMORY_ADVICE.format(batch=chunk)),
         ):
             conditioning, latents, time_grid, images, rewards_per_func, dropped = self._sample_and_score(
@@ -755,23 +607,24 @@ class DiffusionNFTTrainer(Trainer):
         policy per micro-step, not one per time. With LoRA both policies are the frozen weights with the old adapter or
         with none (or the refreshed reference's), so one forward of the doubled batch gives both (PEFT's mixed-adapter
         batch; not for DoRA)."""
-        fused = self.args.kl_coef > 0 and self.use_lora and not self.lora_config.use_dora
+        policies = self.policies
+        fused = self.args.kl_coef > 0 and policies.use_lora and not policies.lora_config.use_dora
         if fused:
             size, doubled = len(samples[0]["noisy"]), repeat_batch(conditioning, 2)
-            adapter_names = [OLD_ADAPTER] * size + [self._reference_adapter] * size
-            with self._acting_as_old_policy() as denoiser, mixed_adapter_batch(denoiser, adapter_names):
+            adapter_names = [OLD_ADAPTER] * size + [policies.reference_adapter] * size
+            with policies.acting_as_old() as denoiser, mixed_adapter_batch(denoiser, adapter_names):
                 for sample in samples:
                     inputs = repeat_batch({"noisy": sample["noisy"], "sigmas": sample["sigmas"]}, 2)
                     velocity = self.adapter.predict_velocity(denoiser, inputs["noisy"], inputs["sigmas"], doubled)
                     sample["old_velocity"], sample["reference_velocity"] = velocity.chunk(2)
             return
-        with self._acting_as_old_policy() as old_policy:
+        with policies.acting_as_old() as old_policy:
             for sample in samples:
                 sample["old_velocity"] = self.adapter.predict_velocity(
                     old_policy, sample["noisy"], sample["sigmas"], conditioning
                 )
         if self.args.kl_coef > 0:
-            with self._acting_as_reference() as reference:
+            with policies.acting_as_reference() as reference:
                 for sample in samples:
                     sample["reference_velocity"] = self.adapter.predict_velocity(
                         reference, sample["noisy"], sample["sigmas"], conditioning
@@ -808,36 +661,6 @@ class DiffusionNFTTrainer(Trainer):
         self._norm_ratio_sums.append(noise_level_sums(loss.velocity_norm_ratio, inputs["sigmas"]))
         return loss.loss
 
-    def update_old_policy(self, step: int) -> None:
-        """`theta_old <- eta theta_old + (1 - eta) theta` with `eta` from the configured schedule at `step`."""
-        decay = old_policy_decay(
-            step,
-            self.args.old_policy_decay_schedule,
-            rate=self.args.old_policy_decay_rate,
-            maximum=self.args.old_policy_decay_max,
-            delay=self.args.old_policy_decay_delay,
-        )
-        soft_update_(self._old_params, self._trained_params, decay)
-        self._metrics["old_policy_decay"].append(decay)
-
-    def update_ema(self, step: int) -> None:
-        """`theta_ema <- d theta_ema + (1 - d) theta` with the warmed-up decay `d` at `step` (no-op without an EMA)."""
-        if self._ema_params is not None:
-            soft_update_(self._ema_params, self._trained_params, ema_decay(step, self.args.ema_decay))
-
-    @contextlib.contextmanager
-    def _evaluation_weights(self):
-        """Within this context the trained weights hold their EMA (unchanged when `ema_decay = 0`)."""
-        if self._ema_params is None:
-            yield
-            return
-        trained = [param.detach().clone() for param in self._trained_params]
-        _copy_(self._trained_params, self._ema_params)
-        try:
-            yield
-        finally:
-            _copy_(self._trained_params, trained)
-
     @contextlib.contextmanager
     def _evaluation_sampler(self):
         """Within this context the pipeline samples with `eval_sampler` (when set)."""
@@ -865,9 +688,9 @@ class DiffusionNFTTrainer(Trainer):
         split = self.accelerator.split_between_processes(list(range(len(rows))), apply_padding=True)
         with (
             split as local_indices,
-            _eval_mode(self.adapter.denoiser),
-            self._idle_offload.in_use(),
-            self._evaluation_weights(),
+            eval_mode(self.adapter.denoiser),
+            self._sampling_components(),
+            self.policies.evaluation_weights(),
             self._evaluation_sampler(),
             compiled_blocks_settings(self.args.torch_compile),
         ):
@@ -911,9 +734,9 @@ class DiffusionNFTTrainer(Trainer):
         (`<Model>.from_pretrained(output_dir, subfolder=...)`)."""
         output_dir = output_dir or self.args.output_dir
         if self.args.should_save:
-            with self._evaluation_weights():
+            with self.policies.evaluation_weights():
                 denoiser = self.accelerator.unwrap_model(self.model)
-                save_policy(denoiser, TRAINED_ADAPTER, output_dir, self.adapter, self.lora_config)
+                save_policy(denoiser, TRAINED_ADAPTER, output_dir, self.adapter, self.policies.lora_config)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
             write_trainer_model_card(self, output_dir)
 
@@ -956,12 +779,12 @@ class DiffusionNFTTrainer(Trainer):
         with atomic_checkpoint_dir(checkpoint_dir, save, self.accelerator.wait_for_everyone) as staging_dir:
             if save:  # the frozen policies (and, with an EMA, the raw trained weights); the top level: `save_model`'s
                 denoiser = self.accelerator.unwrap_model(self.model)
-                for folder, adapter_name, policy in self._frozen_policies(denoiser):
-                    directory = os.path.join(staging_dir, folder)
-                    save_policy(policy, adapter_name, directory, self.adapter, self.lora_config)
-                if self._ema_params is not None:
+                lora_config = self.policies.lora_config
+                for folder, adapter_name, policy in self.policies.frozen(denoiser):
+                    save_policy(policy, adapter_name, os.path.join(staging_dir, folder), self.adapter, lora_config)
+                if self.policies.ema is not None:
                     trained_dir = os.path.join(staging_dir, TRAINED_POLICY_DIR)
-                    save_policy(denoiser, TRAINED_ADAPTER, trained_dir, self.adapter, self.lora_config)
+                    save_policy(denoiser, TRAINED_ADAPTER, trained_dir, self.adapter, lora_config)
             self._get_output_dir = lambda trial: os.path.dirname(staging_dir)
             self._push_from_checkpoint = lambda checkpoint_folder: None
             try:
@@ -979,71 +802,17 @@ class DiffusionNFTTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Restore the trained and the frozen policies, and the EMA, from a checkpoint written by `_save_checkpoint`."""
-        denoiser, policy_format = self.accelerator.unwrap_model(self.model), (self.adapter, self.use_lora)
+        denoiser, policy_format = self.accelerator.unwrap_model(self.model), (self.adapter, self.policies.use_lora)
         trained_dir = os.path.join(resume_from_checkpoint, TRAINED_POLICY_DIR)
-        if self._ema_params is not None:  # the top level holds the EMA: load it through the trained weights first
+        if self.policies.ema is not None:  # the top level holds the EMA: load it through the trained weights first
             load_policy(denoiser, TRAINED_ADAPTER, resume_from_checkpoint, resume_from_checkpoint, *policy_format)
-            _copy_(self._ema_params, self._trained_params)
+            copy_(self.policies.ema, self.policies.trained)
         if not os.path.isdir(trained_dir):  # written without an EMA: the top level holds the trained weights
             trained_dir = resume_from_checkpoint
         load_policy(denoiser, TRAINED_ADAPTER, trained_dir, resume_from_checkpoint, *policy_format)
-        for folder, adapter_name, policy in self._frozen_policies(denoiser):
+        for folder, adapter_name, policy in self.policies.frozen(denoiser):
             directory = os.path.join(resume_from_checkpoint, folder)
             load_policy(policy, adapter_name, directory, resume_from_checkpoint, *policy_format)
-
-    def _frozen_policies(self, denoiser: torch.nn.Module) -> list[tuple[str, str, torch.nn.Module]]:
-        """The frozen policies a checkpoint holds beside the trained one: (folder, LoRA adapter, module) each."""
-        policies = [(OLD_POLICY_DIR, OLD_ADAPTER, denoiser if self.use_lora else self.old_model)]
-        if self._reference_params:  # refreshed: no longer the base model
-            policies.append((REFERENCE_POLICY_DIR, REFERENCE_ADAPTER, denoiser if self.use_lora else self.ref_model))
-        return policies
-
-
-class _LoggableConfig(FrozenDict):
-    """A diffusers model config that also has the `to_dict()`/`to_json_string()` that transformers' loggers call."""
-
-    def to_dict(self) -> dict:
-        return dict(self)
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str)
-
-
-def _speak_transformers_trainer(denoiser: torch.nn.Module) -> None:
-    """Let `transformers.Trainer` drive a diffusers model: its loggers read `model.config` as a transformers config,
-    and it enables activation checkpointing through the transformers method names."""
-    denoiser._internal_dict = _LoggableConfig(denoiser.config)
-
-    def enable_checkpointing(**kwargs):
-        denoiser.enable_gradient_checkpointing()
-
-    denoiser.activation_checkpointing_enable = denoiser.gradient_checkpointing_enable = enable_checkpointing
-
-
-@contextlib.contextmanager
-def _eval_mode(module: torch.nn.Module):
-    training = module.training
-    module.eval()
-    try:
-        yield module
-    finally:
-        module.train(training)
-
-
-def _base_model(model: str | DiffusionPipeline, pipeline: DiffusionPipeline) -> tuple[str | None, str | None]:
-    """The base model for the model card: its Hub id (or embedded name), else the local folder it was loaded from."""
-    name = resolve_model_name(model) if isinstance(model, str) else getattr(pipeline, "name_or_path", None)
-    if not name:
-        return None, None
-    if name not in EMBEDDED_MODELS and os.path.isdir(name):
-        return None, os.path.abspath(name)
-    return (name, None) if name in EMBEDDED_MODELS or name.count("/") == 1 else (None, None)
-
-
-@torch.no_grad()
-def _copy_(targets: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
-    for target, source in zip(targets, sources, strict=True):
-        target.copy_(source)
 
 
 def _take(batch: dict, index: torch.Tensor | slice) -> dict:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from datasets import Dataset
 
-from ..rewards.geneval import GENEVAL_CLASSES, GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TASKS, parse_metadata
+from ..prompt_formats import GENEVAL_CLASSES, GENEVAL_COLORS, GENEVAL_POSITIONS, GENEVAL_TASKS, parse_metadata
 
 
 _NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")

@@ -10,7 +10,7 @@ import os
 from datasets import Dataset, load_dataset
 
 from ..conditions import resolve_image_paths
-from ..rewards.ocr import quoted_text
+from ..prompt_formats import quoted_text
 
 
 #: The `datasets` builder that reads each kind of prompt file.

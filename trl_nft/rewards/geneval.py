@@ -14,7 +14,6 @@ index of the include clause it is relative to]`. A row whose `metadata` is None 
 `trl_nft.prompts.geneval` builds such datasets.
 """
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,24 +22,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..prompt_formats import GENEVAL_CLASSES, GENEVAL_COLORS, parse_metadata
 from . import RewardModel, register_reward, resolve_checkpoint
 from .clip import openai_clip_pixels
 
 
-GENEVAL_TASKS = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
-# GenEval's `object_names.txt`: the 80 COCO classes in COCO order, with "mouse", "remote" and "keyboard" renamed.
-GENEVAL_CLASSES = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow", "elephant",
-    "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard",
-    "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
-    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange", "broccoli",
-    "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant", "bed", "dining table", "toilet",
-    "tv", "laptop", "computer mouse", "tv remote", "computer keyboard", "cell phone", "microwave", "oven", "toaster",
-    "sink", "refrigerator", "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush",
-)  # fmt: skip
-GENEVAL_COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white")
-GENEVAL_POSITIONS = ("left of", "right of", "above", "below")
 # COCO label names (as detectors' `id2label` spell them) that GenEval renames.
 _COCO_TO_GENEVAL = {"mouse": "computer mouse", "remote": "tv remote", "keyboard": "computer keyboard"}
 # CLIP prompts of GenEval's colour classifier; "{c}" is the colour, "{obj}" the class.
@@ -67,33 +53,6 @@ class Detection:
 
 
 # ---------------------------------------------------------------------- rules (pure)
-
-
-def parse_metadata(value: str | dict | None) -> dict | None:
-    """A row's GenEval record from its `metadata` value (a JSON string or a dict; None stays None), checked: known
-    tag, classes, colours and relations, counts >= 1, position targets that point to an earlier include clause."""
-    if value is None:
-        return None
-    record = json.loads(value) if isinstance(value, str) else value
-    if not isinstance(record, dict) or record.get("tag") not in GENEVAL_TASKS or not record.get("include"):
-        raise ValueError(
-            f"GenEval metadata needs a 'tag' (one of {GENEVAL_TASKS}) and a non-empty 'include' list, got {value!r}."
-        )
-    for index, clause in enumerate(record["include"] + record.get("exclude", [])):
-        if clause.get("class") not in GENEVAL_CLASSES:
-            raise ValueError(f"GenEval metadata: unknown class {clause.get('class')!r} (not a GenEval COCO class).")
-        if not isinstance(clause.get("count"), int) or clause["count"] < 1:
-            raise ValueError(f"GenEval metadata: 'count' must be an integer >= 1, got {clause.get('count')!r}.")
-        if "color" in clause and clause["color"] not in GENEVAL_COLORS:
-            raise ValueError(f"GenEval metadata: unknown colour {clause['color']!r}; one of {GENEVAL_COLORS}.")
-        if "position" in clause:
-            relation, target = clause["position"]
-            if relation not in GENEVAL_POSITIONS or not 0 <= target < index:
-                raise ValueError(
-                    f"GenEval metadata: 'position' must be [relation in {GENEVAL_POSITIONS}, index of an earlier "
-                    f"include clause], got {clause['position']!r}."
-                )
-    return record
 
 
 def detection_threshold(tag: str) -> float:

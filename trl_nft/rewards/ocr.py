@@ -7,35 +7,19 @@ PaddleOCR, which needs PaddlePaddle beside PyTorch. `backend="paddleocr"` runs P
 
 import json
 import os
-import re
 from collections.abc import Callable
 
 import numpy as np
 import torch
 from PIL import Image
 
+from ..prompt_formats import normalize_text, quoted_text
 from . import register_reward
 from .base import RewardModel, resolve_file
 
 
-_QUOTED = re.compile(r'"([^"]*)"')
-
 # Subfolders of an `ocr` checkpoint, each in docTR's Hub format (`config.json` + `pytorch_model.bin`).
 _DOCTR_TASKS = ("detection", "recognition")
-
-
-def quoted_text(prompt: str) -> str | None:
-    """The text between the first pair of double quotes in `prompt` (`'a sign saying "Open"'` -> `'Open'`), or None
-    when the prompt has no such pair or only spaces between the quotes: there is then no text to read."""
-    match = _QUOTED.search(prompt)
-    if match is None or not _normalize(match.group(1)):
-        return None
-    return match.group(1)
-
-
-def _normalize(text: str) -> str:
-    # Flow-GRPO's normalisation: lowercase, spaces removed (other whitespace kept).
-    return text.replace(" ", "").lower()
 
 
 def levenshtein(a: str, b: str) -> int:
@@ -60,7 +44,7 @@ def ocr_reward(read: str, target: str) -> float:
     the fraction of the target's characters that need no edit, where reading much unrelated text costs no more than
     reading nothing.
     """
-    read, target = _normalize(read), _normalize(target)
+    read, target = normalize_text(read), normalize_text(target)
     if not target:
         raise ValueError("ocr_reward: the target text is empty once spaces are removed.")
     if target in read:
@@ -223,7 +207,7 @@ class OCRReward(RewardModel):
     def score(self, read, images: list[Image.Image], prompts: list[str], **columns) -> list[float | None]:
         given = columns.get("ocr_text") or [None] * len(prompts)
         targets = [
-            text if text and _normalize(text) else quoted_text(prompt)
+            text if text and normalize_text(text) else quoted_text(prompt)
             for text, prompt in zip(given, prompts, strict=True)
         ]
         scored = [i for i, target in enumerate(targets) if target is not None]
