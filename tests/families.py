@@ -2,14 +2,15 @@
 pipeline, and a short `trl nft` run."""
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file
+
+from trl_nft.preflight import check_launch
+from trl_nft.scripts import nft
 
 
 def module_calls(module: torch.nn.Module, run: Callable) -> list[tuple[tuple, dict, torch.Tensor]]:
@@ -53,16 +54,30 @@ def assert_the_saved_lora_reproduces_the_policy(trainer, build_fresh: Callable, 
 
 
 def run_trl_nft(model: str, tmp_path: Path, *flags: str) -> Path:
-    """`trl nft --model MODEL` for one optimizer step of 4 images, offline, in a subprocess, as a user runs it: it must
-    exit 0 and write the denoiser's LoRA and a model card naming the model. Returns the output folder."""
+    """`trl nft --model MODEL` for one optimizer step of 4 images, offline, from `tmp_path`: the checks `trl nft` makes
+    before it launches (`trl_nft.preflight`), then the training script that accelerate launches, on the arguments the
+    launcher gives it, in this process (how `trl nft` launches it is the subject of test_cli.py, test_launcher.py and
+    test_console.py). It must write the denoiser's LoRA and a model card naming the model. Returns the output folder."""
     output_dir = tmp_path / "out"
-    command = [str(Path(sys.executable).parent / "trl"), "nft", "--model", model, "--reward", "jpeg_compressibility"]
-    command += ["--dataset", "simple", "--output_dir", str(output_dir), "--report_to", "none", "--lora_r", "4"]
-    command += ["--max_steps", "1", "--per_device_train_batch_size", "4", "--num_generations", "4"]
-    command += ["--num_inference_steps", "2", *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    argv = [
+        "--model",
+        model,
+        "--reward",
+        "jpeg_compressibility",
+        "--dataset",
+        "simple",
+        "--output_dir",
+        str(output_dir),
+    ]
+    argv += ["--report_to", "none", "--lora_r", "4", "--max_steps", "1", "--per_device_train_batch_size", "4"]
+    argv += ["--num_generations", "4", "--num_inference_steps", "2", "--disable_tqdm", "true", *flags]
+    working_dir = os.getcwd()
+    os.chdir(tmp_path)  # relative paths are the user's
+    try:
+        script_argv, _ = check_launch(argv)
+        nft.main(*nft.make_parser().parse_args_and_config(nft.with_model_preset(script_argv)))
+    finally:
+        os.chdir(working_dir)
     weights = load_file(output_dir / "pytorch_lora_weights.safetensors")
     assert weights and all(key.startswith(("transformer.", "unet.")) for key in weights)
     assert model in (output_dir / "README.md").read_text()

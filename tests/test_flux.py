@@ -70,6 +70,7 @@ def test_trains_saves_and_reloads_in_diffusers(make_config, prompts_dataset, tmp
     )
 
 
+@pytest.mark.slow  # a learning run per family (the default suite keeps SD3's, tests/test_learning.py)
 def test_reward_rises_and_beats_a_shuffled_reward_control(make_config):
     """Brightness, with `proj_out` added to the default LoRA targets: through the attention and feed-forward
     projections alone this random two-block model barely moves its output's channel means in 40 steps (gain 0.002 /

@@ -37,6 +37,7 @@ def test_sd3_reward_rises_and_beats_a_shuffled_reward_control(make_config):
     )
 
 
+@pytest.mark.slow  # a learning run per family (the default suite keeps SD3's, tests/test_learning.py)
 def test_sd_reward_rises_and_beats_a_shuffled_reward_control(make_config):
     """The SD1.x/2.x adapter (a UNet on a VP schedule, trained as a flow) on the v-prediction build of `tiny-sd`.
 

@@ -124,6 +124,7 @@ def test_trains_saves_and_reloads_in_diffusers(make_config, prompts_dataset, tmp
     assert_the_saved_lora_reproduces_the_policy(trainer, build_tiny_qwen_image, tmp_path / "lora", true_cfg_scale=1.0)
 
 
+@pytest.mark.slow  # a learning run per family (the default suite keeps SD3's, tests/test_learning.py)
 def test_reward_rises_and_beats_a_shuffled_reward_control(make_config):
     # Measured (config seeds 0 / 1 / 2; the test runs 0): gain 0.068 / 0.054 / 0.068, control -0.003 / -0.008 / -0.014;
     # the within-group std of the brightness is about 0.003.

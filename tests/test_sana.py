@@ -159,6 +159,7 @@ def test_trains_saves_and_reloads_in_diffusers(make_config, prompts_dataset, tmp
     )
 
 
+@pytest.mark.slow  # a learning run per family (the default suite keeps SD3's, tests/test_learning.py)
 def test_reward_rises_and_beats_a_shuffled_reward_control(make_config):
     """Brightness, through the default LoRA targets alone (the attention projections): the final projection, which the
     other families' tests add, is not needed here (with it: gain 0.220 / 0.218 / 0.214 in 40 steps)."""

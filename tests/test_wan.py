@@ -176,6 +176,7 @@ def jpeg_compressibility(images, prompts, **kwargs) -> list[float]:
     return get_reward("jpeg_compressibility")(images, prompts)
 
 
+@pytest.mark.slow  # a learning run per family (the default suite keeps SD3's, tests/test_learning.py)
 @pytest.mark.parametrize(
     ("reward", "minimum_gain"),
     # Measured (config seeds 0 / 1 / 2; the test runs 0), 40 steps: JPEG compressibility gain 0.097 / 0.109 / 0.080,

@@ -134,6 +134,7 @@ def test_trains_saves_and_reloads_in_diffusers(make_config, prompts_dataset, tmp
     )
 
 
+@pytest.mark.slow  # a learning run per family (the default suite keeps SD3's, tests/test_learning.py)
 def test_reward_rises_and_beats_a_shuffled_reward_control(make_config):
     """Brightness, with the final layer's projection added to the default LoRA targets (without it: gain 0.002 / 0.001 /
     0.004, control -0.000 / 0.000 / 0.001), on the tiny model drawn at seed 1. Whether a random tiny Z-Image turns what
