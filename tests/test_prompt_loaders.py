@@ -1,8 +1,6 @@
 """Prompt loaders on local files (the Hub ids go through the same `datasets.load_dataset` call)."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from datasets import Dataset
@@ -71,14 +69,3 @@ def test_drawbench_prompts_rename_the_columns(tmp_path):
         "prompt": ["A red colored car.", "Three cats and one dog."],
         "category": ["Colors", "Counting"],
     }
-
-
-def test_the_prompt_sets_import_no_reward():
-    # The rewards read what the prompt sets write (trl_nft.prompt_formats), never the other way round.
-    imported = subprocess.run(
-        [sys.executable, "-c", "import sys, trl_nft.prompts; print(*sorted(sys.modules))"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert "trl_nft.prompts" in imported and not [name for name in imported if name.startswith("trl_nft.rewards")]
