@@ -41,7 +41,9 @@ def _config(tmp_path, **overrides) -> NFTConfig:
     return NFTConfig(**{**settings, **overrides})
 
 
-@pytest.mark.parametrize("model", ["tiny-flux", "tiny-qwen-image", "tiny-sd3", "tiny-qwen-image-edit-plus"])
+@pytest.mark.parametrize(
+    "model", ["tiny-flux", "tiny-qwen-image", "tiny-sd3", "tiny-qwen-image-edit-plus", "tiny-sdxl"]
+)
 @pytest.mark.parametrize(
     "quantization", [None, Quantization("int8-weight-only", text_encoders=True), Quantization("fp8-weight-only")]
 )
@@ -97,7 +99,9 @@ def _profiled_peak(run) -> int:
 
 
 ACTIVATION_CASES = [
-    (model, checkpointing, None) for model in ("tiny-flux", "tiny-qwen-image", "tiny-sd3") for checkpointing in (0, 1)
+    (model, checkpointing, None)
+    for model in ("tiny-flux", "tiny-qwen-image", "tiny-sd3", "tiny-sd", "tiny-sdxl")
+    for checkpointing in (0, 1)
 ] + [("tiny-flux", False, "int8-weight-only"), ("tiny-qwen-image", False, "int8-weight-only")]
 
 
@@ -106,9 +110,9 @@ def test_predicted_activations_are_within_25_percent_of_the_profiled_peaks(
     tmp_path, model, checkpointing, quantization
 ):
     """A training micro-step of the trainer (the frozen policies' forward, then the policy's forward and backward) and
-    a rollout forward, in float32 on the CPU, profiled; measured here: 0.84-1.13 of the profiled peaks for the
-    micro-step (1.02-1.07 on a torchao int8 base, whose dequantized weight copies the backward keeps), 0.997-1.000
-    for the rollout forward (0.80-1.00 on the int8 base, which dequantizes each weight in passing)."""
+    a rollout forward, in float32 on the CPU, profiled; measured here: 0.84-1.07 of the profiled peaks for the
+    micro-step (1.02-1.07 on a torchao int8 base, whose dequantized weight copies the backward keeps), 0.80-1.00
+    for the rollout forward (Qwen-Image's 0.80, with or without the int8 base)."""
     args = _config(tmp_path, activation_checkpointing=bool(checkpointing), ema_decay=0.0, quantization=quantization)
     long_prompts = Dataset.from_dict({"prompt": [f"a photo of object number {i} " * 20 for i in range(4)]})
     trainer = DiffusionNFTTrainer(model, "jpeg_compressibility", args=args, train_dataset=long_prompts)
@@ -136,6 +140,33 @@ def test_every_shipped_config_is_an_alias_and_instantiates_on_the_meta_device():
     transformer = configs.components["transformer"].instantiate()
     assert next(transformer.parameters()).device.type == "meta"
     assert sum(p.numel() for p in transformer.parameters()) == 11_901_408_320  # FLUX.1-dev's published 11.9B
+
+
+# Parameters of the Stable Diffusion checkpoints, as published: UNet, text encoder(s), VAE.
+PUBLISHED_SD_PARAMETERS = {
+    "sd1.5": {"unet": 859_520_964, "text_encoder": 123_060_480, "vae": 83_653_863},
+    "sd2.1": {"unet": 865_910_724, "text_encoder": 340_387_840, "vae": 83_653_863},
+    "sdxl": {"unet": 2_567_463_684, "text_encoder": 123_060_480, "text_encoder_2": 694_659_840, "vae": 83_653_863},
+}
+
+
+@pytest.mark.parametrize("alias", list(PUBLISHED_SD_PARAMETERS))
+def test_the_shipped_stable_diffusion_configs_have_the_published_parameter_counts(alias):
+    components = model_configs(alias).components
+    counts = {
+        name: sum(p.numel() for p in component.instantiate().parameters()) for name, component in components.items()
+    }
+    assert counts == PUBLISHED_SD_PARAMETERS[alias]
+
+
+def test_a_model_whose_configs_neither_ship_nor_can_be_read_is_one_line_naming_the_shipped_ones(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as exit_:
+        main(["estimate-memory", "--model", "sana-1.6b"])
+    message = str(exit_.value.code)
+    assert message.startswith("trl-nft estimate-memory: sana-1.6b: its component configs do not ship")
+    assert "sdxl" in message and "\n" not in message and "Run once with access to the Hub" in message
 
 
 def test_the_cheapest_fitting_settings_are_the_first_levers_that_fit():
@@ -169,6 +200,13 @@ def test_estimate_memory_prints_flux_devs_table_offline(capsys, monkeypatch):
     )
     assert "frozen transformer (nf4)" in output and "frozen text_encoder_2 (bfloat16)" in output
     assert "predicted peak" in output and "24 GiB" in output
+
+
+def test_estimate_memory_prints_sdxls_table_offline(capsys, monkeypatch):
+    output = _estimate_memory_output(capsys, monkeypatch, "--model", "sdxl", "--gpu-memory", "16")
+    assert output.startswith("sdxl at 1024 px, 77 text tokens:")
+    assert "frozen unet (bfloat16)" in output and "frozen text_encoder_2 (bfloat16)" in output
+    assert "16 GiB" in output and "There are modules" not in output
 
 
 @pytest.mark.slow

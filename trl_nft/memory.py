@@ -29,6 +29,7 @@ import importlib.resources as resources
 import json
 import math
 import os
+import warnings
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -153,7 +154,18 @@ def model_configs(model: str | DiffusionPipeline) -> ModelConfigs:
     from .models import resolve_model_name
 
     path = resolve_model_name(model)
-    index = DiffusionPipeline.load_config(path)
+    try:
+        with warnings.catch_warnings():  # diffusers passes huggingface_hub a deprecated argument
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            index = DiffusionPipeline.load_config(path)
+    except OSError as error:  # offline, gated, or not a pipeline
+        aliases = sorted(name for name in shipped if "/" not in name)
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(
+            f"{model}: its component configs do not ship with trl-nft (they do for {', '.join(aliases)}) and could "
+            f"not be read ({reason}). Run once with access to the Hub (only the config files, a few kB, are read), "
+            "or give a local pipeline folder."
+        ) from error
     components = {}
     for name, value in index.items():
         if (
@@ -438,6 +450,34 @@ def _sd3_inputs(denoiser, batch: int, side: int, text_tokens: int, dtype) -> dic
     )
 
 
+def _unet_inputs(denoiser, batch: int, side: int, text_tokens: int, dtype) -> dict:
+    config, device = denoiser.config, "meta"
+    inputs = dict(
+        sample=torch.empty(batch, config.in_channels, side, side, dtype=dtype, device=device),
+        timestep=torch.empty(batch, dtype=dtype, device=device),
+        encoder_hidden_states=torch.empty(batch, text_tokens, config.cross_attention_dim, dtype=dtype, device=device),
+        return_dict=False,
+    )
+    if config.addition_embed_type == "text_time":  # SDXL: the pooled text embedding and the six size numbers
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        inputs["added_cond_kwargs"] = {
+            "text_embeds": torch.empty(batch, pooled, dtype=dtype, device=device),
+            "time_ids": torch.empty(batch, 6, dtype=dtype, device=device),
+        }
+    return inputs
+
+
+def vae_scale_factor(configs: ModelConfigs) -> int:
+    """How much the VAE shrinks each side of an image, as the pipelines compute it from its config (8 for every Hub
+    model here; less for the tiny ones, whose VAEs have fewer blocks)."""
+    vae = configs.components.get("vae")
+    if vae is not None and "block_out_channels" in vae.config:
+        return 2 ** (len(vae.config["block_out_channels"]) - 1)
+    if vae is not None and "temperal_downsample" in vae.config:  # Qwen-Image's and Wan's (diffusers' spelling)
+        return 2 ** len(vae.config["temperal_downsample"])
+    return 8
+
+
 def denoiser_inputs(
     denoiser: nn.Module,
     batch: int,
@@ -465,7 +505,11 @@ def denoiser_inputs(
         return _qwen_image_inputs(denoiser, batch, tokens, text_tokens, dtype, grids)
     if name == "SD3Transformer2DModel":
         return _sd3_inputs(denoiser, batch, latent_side, text_tokens, dtype)
-    raise ValueError(f"The activations of {name} are not modelled yet (FLUX.1, Qwen-Image and SD3 are).")
+    if name == "UNet2DConditionModel":
+        return _unet_inputs(denoiser, batch, latent_side, text_tokens, dtype)
+    raise ValueError(
+        f"The activations of {name} are not modelled yet (FLUX.1, Qwen-Image, SD3, SD 1.x / 2.x and SDXL are)."
+    )
 
 
 # ---------------------------------------------------------------------------------------------- the estimate
@@ -479,6 +523,9 @@ PIPELINE_SHAPES = {
     "FluxKontextPipeline": dict(text_tokens=lambda length: min(length, 512), condition_images=1),
     "StableDiffusion3Pipeline": dict(text_tokens=lambda length: 77 + min(length, 512)),
     "QwenImagePipeline": dict(text_tokens=lambda length: min(length, 1024)),
+    # CLIP's 77 tokens (SDXL: its two encoders' side by side, along the features).
+    "StableDiffusionPipeline": dict(text_tokens=lambda length: 77),
+    "StableDiffusionXLPipeline": dict(text_tokens=lambda length: 77),
     # The VL encoder sees each condition image at a 384² area (Edit: the VAE's 1024² image), about 188 (1338) tokens.
     "QwenImageEditPipeline": dict(
         text_tokens=lambda length: min(length, 1024) + 1338, condition_images=1, condition_resolution=1024
@@ -503,7 +550,7 @@ class Activations:
 
 #: Pipelines whose classifier-free guidance doubles the rollout batch (the others guide by an embedding or by a second
 #: forward).
-CFG_BATCH_PIPELINES = ("StableDiffusion3Pipeline",)
+CFG_BATCH_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 @dataclass
@@ -631,7 +678,8 @@ class MemoryModel:
         adapter_class = next(a for a in ADAPTERS if issubclass(pipeline_class, a.pipeline_classes))
         self.denoiser_name, self.dtype = adapter_class.denoiser_name, settings.dtype
         self.modules = {name: component.instantiate() for name, component in self.configs.components.items()}
-        denoiser = self.modules[self.denoiser_name].to(self.dtype).requires_grad_(False)
+        # torch's `to`: diffusers' warns about float32 modules for a UNet, which keeps none, and this is a meta copy.
+        denoiser = nn.Module.to(self.modules[self.denoiser_name], self.dtype).requires_grad_(False)
         target_modules = list(settings.lora_target_modules or adapter_class.lora_target_modules)
         lora_config = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, target_modules=target_modules)
         self.lora = lora_parameters(denoiser, lora_config)
@@ -639,13 +687,16 @@ class MemoryModel:
         self.text_tokens = shapes.get("text_tokens", lambda length: length)(settings.max_sequence_length)
         self.resolution = settings.resolution or self.configs.resolution
         condition = {key: shapes[key] for key in ("condition_images", "condition_resolution") if key in shapes}
+        vae_scale = vae_scale_factor(self.configs)
         self.cfg_batch = self.configs.pipeline_class in CFG_BATCH_PIPELINES
 
         def probes(training: bool, checkpointing: bool) -> tuple[ActivationProbe, ActivationProbe]:
             return tuple(
                 probe_activations(
                     denoiser,
-                    denoiser_inputs(denoiser, batch, self.resolution, self.text_tokens, self.dtype, **condition),
+                    denoiser_inputs(
+                        denoiser, batch, self.resolution, self.text_tokens, self.dtype, vae_scale, **condition
+                    ),
                     training,
                     checkpointing,
                 )
