@@ -394,9 +394,9 @@ def probe_activations(denoiser: nn.Module, inputs: dict, training: bool, checkpo
     try:
         with _fused_attention(), live, torch.set_grad_enabled(training):
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                output = denoiser(**inputs)[0]
+                output = tree_flatten(denoiser(**inputs)[0])[0]  # one tensor, or Z-Image's list of them
             if training:
-                output.float().square().mean().backward()
+                sum(tensor.float().square().mean() for tensor in output).backward()
             del output
     finally:
         for handle in handles:
@@ -467,12 +467,49 @@ def _unet_inputs(denoiser, batch: int, side: int, text_tokens: int, dtype) -> di
     return inputs
 
 
+def _sana_inputs(denoiser, batch: int, side: int, text_tokens: int, dtype) -> dict:
+    config, device = denoiser.config, "meta"
+    return dict(
+        hidden_states=torch.empty(batch, config.in_channels, side, side, dtype=dtype, device=device),
+        encoder_hidden_states=torch.empty(batch, text_tokens, config.caption_channels, dtype=dtype, device=device),
+        encoder_attention_mask=torch.ones(batch, text_tokens, dtype=torch.int64, device=device),
+        timestep=torch.empty(batch, dtype=dtype, device=device),
+        return_dict=False,
+    )
+
+
+def _flux2_inputs(denoiser, batch: int, tokens: int, text_tokens: int, dtype) -> dict:
+    config, device = denoiser.config, "meta"
+    return dict(
+        hidden_states=torch.empty(batch, tokens, config.in_channels, dtype=dtype, device=device),
+        encoder_hidden_states=torch.empty(batch, text_tokens, config.joint_attention_dim, dtype=dtype, device=device),
+        timestep=torch.empty(batch, dtype=dtype, device=device),
+        guidance=None,
+        txt_ids=torch.empty(batch, text_tokens, 4, dtype=torch.int64, device=device),
+        img_ids=torch.empty(batch, tokens, 4, dtype=torch.int64, device=device),
+        return_dict=False,
+    )
+
+
+def _z_image_inputs(denoiser, batch: int, side: int, text_tokens: int, dtype) -> dict:
+    # One single-frame latent and one unpadded caption per image, as lists (the prompt counted at its longest).
+    config, device = denoiser.config, "meta"
+    return dict(
+        x=[torch.empty(config.in_channels, 1, side, side, dtype=dtype, device=device) for _ in range(batch)],
+        t=torch.empty(batch, dtype=dtype, device=device),
+        cap_feats=[torch.empty(text_tokens, config.cap_feat_dim, dtype=dtype, device=device) for _ in range(batch)],
+        return_dict=False,
+    )
+
+
 def vae_scale_factor(configs: ModelConfigs) -> int:
     """How much the VAE shrinks each side of an image, as the pipelines compute it from its config (8 for every Hub
     model here; less for the tiny ones, whose VAEs have fewer blocks)."""
     vae = configs.components.get("vae")
     if vae is not None and "block_out_channels" in vae.config:
         return 2 ** (len(vae.config["block_out_channels"]) - 1)
+    if vae is not None and "encoder_block_out_channels" in vae.config:  # SANA's deep-compression autoencoder
+        return 2 ** (len(vae.config["encoder_block_out_channels"]) - 1)
     if vae is not None and "temperal_downsample" in vae.config:  # Qwen-Image's and Wan's (diffusers' spelling)
         return 2 ** len(vae.config["temperal_downsample"])
     return 8
@@ -507,8 +544,15 @@ def denoiser_inputs(
         return _sd3_inputs(denoiser, batch, latent_side, text_tokens, dtype)
     if name == "UNet2DConditionModel":
         return _unet_inputs(denoiser, batch, latent_side, text_tokens, dtype)
+    if name == "SanaTransformer2DModel":
+        return _sana_inputs(denoiser, batch, latent_side, text_tokens, dtype)
+    if name == "Flux2Transformer2DModel":
+        return _flux2_inputs(denoiser, batch, (latent_side // 2) ** 2, text_tokens, dtype)
+    if name == "ZImageTransformer2DModel":
+        return _z_image_inputs(denoiser, batch, latent_side, text_tokens, dtype)
     raise ValueError(
-        f"The activations of {name} are not modelled yet (FLUX.1, Qwen-Image, SD3, SD 1.x / 2.x and SDXL are)."
+        f"The activations of {name} are not modelled yet (FLUX.1, FLUX.2-klein, Qwen-Image, SD3, SD 1.x / 2.x, SDXL, "
+        "SANA and Z-Image are)."
     )
 
 
@@ -550,7 +594,12 @@ class Activations:
 
 #: Pipelines whose classifier-free guidance doubles the rollout batch (the others guide by an embedding or by a second
 #: forward).
-CFG_BATCH_PIPELINES = ("StableDiffusion3Pipeline", "StableDiffusionPipeline", "StableDiffusionXLPipeline")
+CFG_BATCH_PIPELINES = (
+    "StableDiffusion3Pipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionXLPipeline",
+    "SanaPipeline",
+)
 
 
 @dataclass
