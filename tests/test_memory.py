@@ -6,6 +6,7 @@ import gguf
 import pytest
 import torch
 from datasets import Dataset
+from PIL import Image
 from test_quantization import write_gguf
 from torch.profiler import ProfilerActivity, profile
 
@@ -98,14 +99,16 @@ def _profiled_peak(run) -> int:
     return peak
 
 
-ACTIVATION_CASES = (
-    [
-        (model, checkpointing, None)
-        for model in ("tiny-flux", "tiny-qwen-image", "tiny-sd3", "tiny-sd", "tiny-sdxl", "tiny-sana", "tiny-z-image")
-        for checkpointing in (0, 1)
-    ]
-    + [("tiny-flux2-klein", False, None)]
-)  # checkpointed, FLUX.2-klein's is over-predicted: 1.26 of the measured peak + [("tiny-flux", False, "int8-weight-only"), ("tiny-qwen-image", False, "int8-weight-only")]
+ACTIVATION_MODELS = (
+    "tiny-flux", "tiny-qwen-image", "tiny-sd3", "tiny-sd", "tiny-sdxl", "tiny-sana", "tiny-z-image", "tiny-wan",
+    "tiny-wan-i2v",
+)  # fmt: skip
+ACTIVATION_CASES = [
+    *[(model, checkpointing, None) for model in ACTIVATION_MODELS for checkpointing in (0, 1)],
+    ("tiny-flux2-klein", False, None),  # checkpointed, its step is over-predicted: 1.26 of the measured peak
+    ("tiny-flux", False, "int8-weight-only"),
+    ("tiny-qwen-image", False, "int8-weight-only"),
+]
 
 
 @pytest.mark.parametrize(("model", "checkpointing", "quantization"), ACTIVATION_CASES)
@@ -116,9 +119,12 @@ def test_predicted_activations_are_within_25_percent_of_the_profiled_peaks(
     a rollout forward, in float32 on the CPU, profiled; measured here: 0.84-1.07 of the profiled peaks for the
     micro-step (1.02-1.07 on a torchao int8 base, whose dequantized weight copies the backward keeps), 0.80-1.00
     for the rollout forward (Qwen-Image's 0.80, with or without the int8 base), over FLUX.1, FLUX.2-klein, Qwen-Image,
-    SD3, SD 1.x, SDXL, SANA and Z-Image."""
+    SD3, SD 1.x, SDXL, SANA, Z-Image and Wan 2.1 (text- and image-to-video)."""
     args = _config(tmp_path, activation_checkpointing=bool(checkpointing), ema_decay=0.0, quantization=quantization)
-    long_prompts = Dataset.from_dict({"prompt": [f"a photo of object number {i} " * 20 for i in range(4)]})
+    columns = {"prompt": [f"a photo of object number {i} " * 20 for i in range(4)]}
+    if model == "tiny-wan-i2v":  # it animates an image
+        columns["image"] = [Image.new("RGB", (32, 32), (40 * i, 90, 160)) for i in range(4)]
+    long_prompts = Dataset.from_dict(columns)
     trainer = DiffusionNFTTrainer(model, "jpeg_compressibility", args=args, train_dataset=long_prompts)
     if checkpointing:  # as `train()` enables it
         trainer.model.enable_gradient_checkpointing()

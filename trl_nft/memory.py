@@ -26,6 +26,7 @@ activations).
 
 import contextlib
 import importlib.resources as resources
+import inspect
 import json
 import math
 import os
@@ -116,6 +117,7 @@ class ModelConfigs:
     pipeline_class: str
     components: dict[str, Component]
     resolution: int  # the native image side in pixels, for a run that sets none
+    num_frames: int | None = None  # a video model's frames, for a run that sets none (None: the pipeline's default)
 
 
 def shipped_configs() -> dict[str, str]:
@@ -145,7 +147,9 @@ def model_configs(model: str | DiffusionPipeline) -> ModelConfigs:
                 components[name] = Component("transformers", type(module).__name__, module.config.to_dict())
         from .models import get_adapter
 
-        return ModelConfigs(type(model).__name__, components, get_adapter(model).default_resolution())
+        adapter = get_adapter(model)
+        frames = adapter.num_frames if adapter.produces_videos else None
+        return ModelConfigs(type(model).__name__, components, adapter.default_resolution(), frames)
     shipped = shipped_configs()
     if model in shipped:
         data = json.loads(resources.files("trl_nft").joinpath("model_configs", shipped[model]).read_text())
@@ -502,6 +506,45 @@ def _z_image_inputs(denoiser, batch: int, side: int, text_tokens: int, dtype) ->
     )
 
 
+def _wan_inputs(denoiser, batch: int, side: int, frames: int, text_tokens: int, image_tokens: int, dtype) -> dict:
+    # Image-to-video: the condition latents join the noisy ones along the channels (in `in_channels`), and the image
+    # encoder's tokens join the prompt's.
+    config, device = denoiser.config, "meta"
+    inputs = dict(
+        hidden_states=torch.empty(batch, config.in_channels, frames, side, side, dtype=dtype, device=device),
+        timestep=torch.empty(batch, dtype=dtype, device=device),
+        encoder_hidden_states=torch.empty(batch, text_tokens, config.text_dim, dtype=dtype, device=device),
+        return_dict=False,
+    )
+    if config.image_dim is not None:
+        inputs["encoder_hidden_states_image"] = torch.empty(
+            batch, image_tokens, config.image_dim, dtype=dtype, device=device
+        )
+    return inputs
+
+
+def video_latent_frames(configs: ModelConfigs, num_frames: int | None) -> int:
+    """The latent frames of `num_frames` video frames (None: the model's default), as the video VAE compresses them:
+    the first frame, then one latent frame per `2 ** (temporal downsamplings)` frames; 1 for an image model."""
+    vae = configs.components.get("vae")
+    if vae is None or "temperal_downsample" not in vae.config or configs.pipeline_class.startswith("QwenImage"):
+        return 1
+    if num_frames is None:
+        num_frames = (
+            configs.num_frames
+            or inspect.signature(getattr(diffusers, configs.pipeline_class).__call__).parameters["num_frames"].default
+        )
+    return (num_frames - 1) // 2 ** sum(vae.config["temperal_downsample"]) + 1
+
+
+def image_encoder_tokens(configs: ModelConfigs) -> int:
+    """The tokens of a CLIP vision encoder's hidden states (its patches and the class token); 0 without one."""
+    encoder = configs.components.get("image_encoder")
+    if encoder is None:
+        return 0
+    return (encoder.config["image_size"] // encoder.config["patch_size"]) ** 2 + 1
+
+
 def vae_scale_factor(configs: ModelConfigs) -> int:
     """How much the VAE shrinks each side of an image, as the pipelines compute it from its config (8 for every Hub
     model here; less for the tiny ones, whose VAEs have fewer blocks)."""
@@ -524,6 +567,8 @@ def denoiser_inputs(
     vae_scale: int = 8,
     condition_images: int = 0,
     condition_resolution: int | None = None,
+    latent_frames: int = 1,
+    image_tokens: int = 0,
 ) -> dict:
     """Meta tensors shaped as the adapters' denoiser call at `resolution` (square), with `text_tokens` of text and
     `condition_images` condition images (at `condition_resolution`, joined along the sequence). A `ValueError` for a
@@ -550,9 +595,11 @@ def denoiser_inputs(
         return _flux2_inputs(denoiser, batch, (latent_side // 2) ** 2, text_tokens, dtype)
     if name == "ZImageTransformer2DModel":
         return _z_image_inputs(denoiser, batch, latent_side, text_tokens, dtype)
+    if name == "WanTransformer3DModel":
+        return _wan_inputs(denoiser, batch, latent_side, latent_frames, text_tokens, image_tokens, dtype)
     raise ValueError(
         f"The activations of {name} are not modelled yet (FLUX.1, FLUX.2-klein, Qwen-Image, SD3, SD 1.x / 2.x, SDXL, "
-        "SANA and Z-Image are)."
+        "SANA, Z-Image and Wan 2.1 are)."
     )
 
 
@@ -570,6 +617,8 @@ PIPELINE_SHAPES = {
     # CLIP's 77 tokens (SDXL: its two encoders' side by side, along the features).
     "StableDiffusionPipeline": dict(text_tokens=lambda length: 77),
     "StableDiffusionXLPipeline": dict(text_tokens=lambda length: 77),
+    # The I2V transformer takes the prompt at exactly 512 positions (zero-padded; trl_nft.models.wan_i2v).
+    "WanImageToVideoPipeline": dict(text_tokens=lambda length: 512),
     # The VL encoder sees each condition image at a 384² area (Edit: the VAE's 1024² image), about 188 (1338) tokens.
     "QwenImageEditPipeline": dict(
         text_tokens=lambda length: min(length, 1024) + 1338, condition_images=1, condition_resolution=1024
@@ -678,6 +727,7 @@ class MemorySettings:
     per_device_train_batch_size: int = 8
     per_device_rollout_batch_size: int | None = None
     resolution: int | None = None
+    num_frames: int | None = None
     max_sequence_length: int = 128
     guidance_scale: float = 1.0
     kl_coef: float = 1e-4
@@ -703,6 +753,7 @@ class MemorySettings:
             per_device_train_batch_size=args.per_device_train_batch_size,
             per_device_rollout_batch_size=args.per_device_rollout_batch_size,
             resolution=args.resolution,
+            num_frames=args.num_frames,
             max_sequence_length=args.max_sequence_length,
             guidance_scale=args.guidance_scale,
             kl_coef=args.kl_coef,
@@ -736,6 +787,8 @@ class MemoryModel:
         self.text_tokens = shapes.get("text_tokens", lambda length: length)(settings.max_sequence_length)
         self.resolution = settings.resolution or self.configs.resolution
         condition = {key: shapes[key] for key in ("condition_images", "condition_resolution") if key in shapes}
+        condition["latent_frames"] = video_latent_frames(self.configs, settings.num_frames)
+        condition["image_tokens"] = image_encoder_tokens(self.configs)
         vae_scale = vae_scale_factor(self.configs)
         self.cfg_batch = self.configs.pipeline_class in CFG_BATCH_PIPELINES
 
