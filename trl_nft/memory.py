@@ -417,110 +417,141 @@ def probe_activations(denoiser: nn.Module, inputs: dict, training: bool, checkpo
     return probe
 
 
-def _flux_inputs(denoiser, batch: int, tokens: int, text_tokens: int, dtype) -> dict:
-    config, device = denoiser.config, "meta"
+@dataclass
+class DenoiserShapes:
+    """What the inputs of one denoiser call are sized by: `batch` images of `latent_side`² latent pixels (and
+    `latent_frames` frames), `text_tokens` of text, `condition_images` condition images of `condition_side`² latent
+    pixels, `image_tokens` of an image encoder's."""
+
+    batch: int
+    latent_side: int
+    text_tokens: int
+    dtype: torch.dtype
+    condition_images: int = 0
+    condition_side: int = 0
+    latent_frames: int = 1
+    image_tokens: int = 0
+
+    def empty(self, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return torch.empty(*shape, dtype=dtype or self.dtype, device="meta")
+
+    def packed_tokens(self) -> int:
+        """The 2 x 2 patches of the image and of its condition images (FLUX's and Qwen-Image's sequences)."""
+        return (self.latent_side // 2) ** 2 + self.condition_images * (self.condition_side // 2) ** 2
+
+
+def _flux_inputs(config, shapes: DenoiserShapes) -> dict:
+    batch, text, tokens = shapes.batch, shapes.text_tokens, shapes.packed_tokens()
     return dict(
-        hidden_states=torch.empty(batch, tokens, config.in_channels, dtype=dtype, device=device),
-        encoder_hidden_states=torch.empty(batch, text_tokens, config.joint_attention_dim, dtype=dtype, device=device),
-        pooled_projections=torch.empty(batch, config.pooled_projection_dim, dtype=dtype, device=device),
-        timestep=torch.empty(batch, dtype=dtype, device=device),
-        guidance=torch.empty(batch, device=device) if config.guidance_embeds else None,
-        txt_ids=torch.empty(text_tokens, 3, dtype=dtype, device=device),
-        img_ids=torch.empty(tokens, 3, dtype=dtype, device=device),
+        hidden_states=shapes.empty(batch, tokens, config.in_channels),
+        encoder_hidden_states=shapes.empty(batch, text, config.joint_attention_dim),
+        pooled_projections=shapes.empty(batch, config.pooled_projection_dim),
+        timestep=shapes.empty(batch),
+        guidance=shapes.empty(batch, dtype=torch.float32) if config.guidance_embeds else None,
+        txt_ids=shapes.empty(text, 3),
+        img_ids=shapes.empty(tokens, 3),
         return_dict=False,
     )
 
 
-def _qwen_image_inputs(denoiser, batch: int, tokens: int, text_tokens: int, dtype, grids) -> dict:
-    config, device = denoiser.config, "meta"
+def _qwen_image_inputs(config, shapes: DenoiserShapes) -> dict:
+    image, condition = shapes.latent_side // 2, shapes.condition_side // 2
     return dict(
-        hidden_states=torch.empty(batch, tokens, config.in_channels, dtype=dtype, device=device),
-        encoder_hidden_states=torch.empty(batch, text_tokens, config.joint_attention_dim, dtype=dtype, device=device),
+        hidden_states=shapes.empty(shapes.batch, shapes.packed_tokens(), config.in_channels),
+        encoder_hidden_states=shapes.empty(shapes.batch, shapes.text_tokens, config.joint_attention_dim),
         encoder_hidden_states_mask=None,  # unpadded, as the adapter passes a batch without padding
-        timestep=torch.empty(batch, dtype=dtype, device=device),
-        img_shapes=[grids] * batch,
+        timestep=shapes.empty(shapes.batch),
+        img_shapes=[[(1, image, image)] + [(1, condition, condition)] * shapes.condition_images] * shapes.batch,
         return_dict=False,
     )
 
 
-def _sd3_inputs(denoiser, batch: int, side: int, text_tokens: int, dtype) -> dict:
-    config, device = denoiser.config, "meta"
+def _sd3_inputs(config, shapes: DenoiserShapes) -> dict:
+    batch, side = shapes.batch, shapes.latent_side
     return dict(
-        hidden_states=torch.empty(batch, config.in_channels, side, side, dtype=dtype, device=device),
-        encoder_hidden_states=torch.empty(batch, text_tokens, config.joint_attention_dim, dtype=dtype, device=device),
-        pooled_projections=torch.empty(batch, config.pooled_projection_dim, dtype=dtype, device=device),
-        timestep=torch.empty(batch, dtype=dtype, device=device),
+        hidden_states=shapes.empty(batch, config.in_channels, side, side),
+        encoder_hidden_states=shapes.empty(batch, shapes.text_tokens, config.joint_attention_dim),
+        pooled_projections=shapes.empty(batch, config.pooled_projection_dim),
+        timestep=shapes.empty(batch),
         return_dict=False,
     )
 
 
-def _unet_inputs(denoiser, batch: int, side: int, text_tokens: int, dtype) -> dict:
-    config, device = denoiser.config, "meta"
+def _unet_inputs(config, shapes: DenoiserShapes) -> dict:
+    batch, side = shapes.batch, shapes.latent_side
     inputs = dict(
-        sample=torch.empty(batch, config.in_channels, side, side, dtype=dtype, device=device),
-        timestep=torch.empty(batch, dtype=dtype, device=device),
-        encoder_hidden_states=torch.empty(batch, text_tokens, config.cross_attention_dim, dtype=dtype, device=device),
+        sample=shapes.empty(batch, config.in_channels, side, side),
+        timestep=shapes.empty(batch),
+        encoder_hidden_states=shapes.empty(batch, shapes.text_tokens, config.cross_attention_dim),
         return_dict=False,
     )
     if config.addition_embed_type == "text_time":  # SDXL: the pooled text embedding and the six size numbers
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        inputs["added_cond_kwargs"] = {
-            "text_embeds": torch.empty(batch, pooled, dtype=dtype, device=device),
-            "time_ids": torch.empty(batch, 6, dtype=dtype, device=device),
-        }
+        inputs["added_cond_kwargs"] = {"text_embeds": shapes.empty(batch, pooled), "time_ids": shapes.empty(batch, 6)}
     return inputs
 
 
-def _sana_inputs(denoiser, batch: int, side: int, text_tokens: int, dtype) -> dict:
-    config, device = denoiser.config, "meta"
+def _sana_inputs(config, shapes: DenoiserShapes) -> dict:
+    batch, side = shapes.batch, shapes.latent_side
     return dict(
-        hidden_states=torch.empty(batch, config.in_channels, side, side, dtype=dtype, device=device),
-        encoder_hidden_states=torch.empty(batch, text_tokens, config.caption_channels, dtype=dtype, device=device),
-        encoder_attention_mask=torch.ones(batch, text_tokens, dtype=torch.int64, device=device),
-        timestep=torch.empty(batch, dtype=dtype, device=device),
+        hidden_states=shapes.empty(batch, config.in_channels, side, side),
+        encoder_hidden_states=shapes.empty(batch, shapes.text_tokens, config.caption_channels),
+        encoder_attention_mask=torch.ones(batch, shapes.text_tokens, dtype=torch.int64, device="meta"),
+        timestep=shapes.empty(batch),
         return_dict=False,
     )
 
 
-def _flux2_inputs(denoiser, batch: int, tokens: int, text_tokens: int, dtype) -> dict:
-    config, device = denoiser.config, "meta"
+def _flux2_inputs(config, shapes: DenoiserShapes) -> dict:
+    batch, text, tokens = shapes.batch, shapes.text_tokens, (shapes.latent_side // 2) ** 2
     return dict(
-        hidden_states=torch.empty(batch, tokens, config.in_channels, dtype=dtype, device=device),
-        encoder_hidden_states=torch.empty(batch, text_tokens, config.joint_attention_dim, dtype=dtype, device=device),
-        timestep=torch.empty(batch, dtype=dtype, device=device),
+        hidden_states=shapes.empty(batch, tokens, config.in_channels),
+        encoder_hidden_states=shapes.empty(batch, text, config.joint_attention_dim),
+        timestep=shapes.empty(batch),
         guidance=None,
-        txt_ids=torch.empty(batch, text_tokens, 4, dtype=torch.int64, device=device),
-        img_ids=torch.empty(batch, tokens, 4, dtype=torch.int64, device=device),
+        txt_ids=shapes.empty(batch, text, 4, dtype=torch.int64),
+        img_ids=shapes.empty(batch, tokens, 4, dtype=torch.int64),
         return_dict=False,
     )
 
 
-def _z_image_inputs(denoiser, batch: int, side: int, text_tokens: int, dtype) -> dict:
+def _z_image_inputs(config, shapes: DenoiserShapes) -> dict:
     # One single-frame latent and one unpadded caption per image, as lists (the prompt counted at its longest).
-    config, device = denoiser.config, "meta"
+    side, images = shapes.latent_side, range(shapes.batch)
     return dict(
-        x=[torch.empty(config.in_channels, 1, side, side, dtype=dtype, device=device) for _ in range(batch)],
-        t=torch.empty(batch, dtype=dtype, device=device),
-        cap_feats=[torch.empty(text_tokens, config.cap_feat_dim, dtype=dtype, device=device) for _ in range(batch)],
+        x=[shapes.empty(config.in_channels, 1, side, side) for _ in images],
+        t=shapes.empty(shapes.batch),
+        cap_feats=[shapes.empty(shapes.text_tokens, config.cap_feat_dim) for _ in images],
         return_dict=False,
     )
 
 
-def _wan_inputs(denoiser, batch: int, side: int, frames: int, text_tokens: int, image_tokens: int, dtype) -> dict:
+def _wan_inputs(config, shapes: DenoiserShapes) -> dict:
     # Image-to-video: the condition latents join the noisy ones along the channels (in `in_channels`), and the image
     # encoder's tokens join the prompt's.
-    config, device = denoiser.config, "meta"
+    batch, side = shapes.batch, shapes.latent_side
     inputs = dict(
-        hidden_states=torch.empty(batch, config.in_channels, frames, side, side, dtype=dtype, device=device),
-        timestep=torch.empty(batch, dtype=dtype, device=device),
-        encoder_hidden_states=torch.empty(batch, text_tokens, config.text_dim, dtype=dtype, device=device),
+        hidden_states=shapes.empty(batch, config.in_channels, shapes.latent_frames, side, side),
+        timestep=shapes.empty(batch),
+        encoder_hidden_states=shapes.empty(batch, shapes.text_tokens, config.text_dim),
         return_dict=False,
     )
     if config.image_dim is not None:
-        inputs["encoder_hidden_states_image"] = torch.empty(
-            batch, image_tokens, config.image_dim, dtype=dtype, device=device
-        )
+        inputs["encoder_hidden_states_image"] = shapes.empty(batch, shapes.image_tokens, config.image_dim)
     return inputs
+
+
+#: Per denoiser class: its inputs as the family's adapter calls it, from its config and the call's shapes.
+DENOISER_INPUTS = {
+    "FluxTransformer2DModel": _flux_inputs,
+    "Flux2Transformer2DModel": _flux2_inputs,
+    "QwenImageTransformer2DModel": _qwen_image_inputs,
+    "SD3Transformer2DModel": _sd3_inputs,
+    "UNet2DConditionModel": _unet_inputs,
+    "SanaTransformer2DModel": _sana_inputs,
+    "ZImageTransformer2DModel": _z_image_inputs,
+    "WanTransformer3DModel": _wan_inputs,
+}
 
 
 def video_latent_frames(configs: ModelConfigs, num_frames: int | None) -> int:
@@ -574,33 +605,21 @@ def denoiser_inputs(
     `condition_images` condition images (at `condition_resolution`, joined along the sequence). A `ValueError` for a
     denoiser whose inputs are not modelled yet."""
     name = type(denoiser).__name__
-    latent_side = resolution // vae_scale
-    condition_side = (condition_resolution or resolution) // vae_scale
-    if name == "FluxTransformer2DModel":
-        tokens = (latent_side // 2) ** 2 + condition_images * (condition_side // 2) ** 2
-        return _flux_inputs(denoiser, batch, tokens, text_tokens, dtype)
-    if name == "QwenImageTransformer2DModel":
-        grids = [(1, latent_side // 2, latent_side // 2)] + [(1, condition_side // 2, condition_side // 2)] * (
-            condition_images
+    if name not in DENOISER_INPUTS:
+        raise ValueError(
+            f"The activations of {name} are not modelled yet (those of {', '.join(DENOISER_INPUTS)} are)."
         )
-        tokens = sum(h * w for _, h, w in grids)
-        return _qwen_image_inputs(denoiser, batch, tokens, text_tokens, dtype, grids)
-    if name == "SD3Transformer2DModel":
-        return _sd3_inputs(denoiser, batch, latent_side, text_tokens, dtype)
-    if name == "UNet2DConditionModel":
-        return _unet_inputs(denoiser, batch, latent_side, text_tokens, dtype)
-    if name == "SanaTransformer2DModel":
-        return _sana_inputs(denoiser, batch, latent_side, text_tokens, dtype)
-    if name == "Flux2Transformer2DModel":
-        return _flux2_inputs(denoiser, batch, (latent_side // 2) ** 2, text_tokens, dtype)
-    if name == "ZImageTransformer2DModel":
-        return _z_image_inputs(denoiser, batch, latent_side, text_tokens, dtype)
-    if name == "WanTransformer3DModel":
-        return _wan_inputs(denoiser, batch, latent_side, latent_frames, text_tokens, image_tokens, dtype)
-    raise ValueError(
-        f"The activations of {name} are not modelled yet (FLUX.1, FLUX.2-klein, Qwen-Image, SD3, SD 1.x / 2.x, SDXL, "
-        "SANA, Z-Image and Wan 2.1 are)."
+    shapes = DenoiserShapes(
+        batch,
+        resolution // vae_scale,
+        text_tokens,
+        dtype,
+        condition_images,
+        (condition_resolution or resolution) // vae_scale,
+        latent_frames,
+        image_tokens,
     )
+    return DENOISER_INPUTS[name](denoiser.config, shapes)
 
 
 # ---------------------------------------------------------------------------------------------- the estimate
