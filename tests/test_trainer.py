@@ -479,7 +479,7 @@ def test_a_refreshed_reference_is_the_policy_at_refresh_time(make_config, prompt
 
 def _policy_and_reference_velocities(trainer):
     """On the latest rollout's latents: the trained policy's velocity, the reference's from the training step's frozen
-    forwards and from `_acting_as_reference`, and the base model's (the initial policy's, from a fresh model)."""
+    forwards and from `policies.acting_as_reference`, and the base model's (the initial policy's, from a fresh model)."""
     batch = trainer._buffered_inputs[0]
     conditioning, noisy = batch["conditioning"], torch.randn_like(batch["latents"])
     sigmas = torch.full((len(noisy),), 0.6)
