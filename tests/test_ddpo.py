@@ -290,7 +290,7 @@ def test_ddpo_attributes_hold_what_they_held(built):
         (lambda t: t.loss(None, 0.1, None), r"trl_nft\.objective\.nft_loss"),
         (lambda t: t.stat_tracker, r"within its prompt group .*group_advantages"),
         (
-            lambda t: type(t).from_pretrained("./saved-ddpo-run"),
+            lambda t: type(t).from_pretrained(t.args.output_dir),  # a local run folder: refused before any load
             r"DefaultDDPOStableDiffusionPipeline\(repo_or_folder\)",
         ),
         (lambda t: t.sd_pipeline.rgb_with_grad(prompt="a cat"), r"AlignProp's .* reward_function"),
