@@ -127,6 +127,48 @@ def save_grid(path: str) -> None:
     save_image(LAST_EVALUATION["images"], path, nrow=10, padding=1, pad_value=0.5)
 
 
+def digit_accuracy_reward(shuffle: bool, seed: int):
+    """The `digit_accuracy` reward, or with `shuffle` the control: its values permuted within each rollout (the same
+    reward distribution, no link to the images)."""
+    reward, rng = get_reward("digit_accuracy"), random.Random(seed)
+
+    def digit_accuracy(images, prompts, **columns):
+        values = reward(images, prompts, **columns)
+        if shuffle:
+            rng.shuffle(values)
+        return values
+
+    return digit_accuracy
+
+
+def run_config(benchmark: str, args, settings: dict) -> NFTConfig:
+    """The `NFTConfig` of a benchmark run: `settings`, nothing saved, evaluated every `args.eval_every` steps."""
+    return NFTConfig(
+        output_dir=os.path.join(tempfile.gettempdir(), benchmark, args.name),
+        max_steps=args.max_steps,
+        seed=args.seed,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        logging_steps=5,
+        eval_strategy="steps",
+        eval_steps=args.eval_every,
+        **settings,
+    )
+
+
+def run_record(args, model: str, settings: dict) -> dict:
+    """What the JSON of a run says about it, before its evaluations."""
+    return {
+        "name": args.name,
+        "model": model,
+        "settings": settings,
+        "shuffle_rewards": args.shuffle_rewards,
+        "seed": args.seed,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
 def parse_value(text: str):
     try:
         return json.loads(text)
@@ -159,35 +201,10 @@ def main() -> None:
     if added:
         settings["reward_weights"] = [1.0, *(float(weight) for _, weight in added)]
     torch.manual_seed(args.seed)
-    reward, rng = get_reward("digit_accuracy"), random.Random(args.seed)
-
-    def digit_accuracy(images, prompts, **columns):
-        values = reward(images, prompts, **columns)
-        if args.shuffle_rewards:  # same reward distribution, no link to the images
-            rng.shuffle(values)
-        return values
-
-    config = NFTConfig(
-        output_dir=os.path.join(tempfile.gettempdir(), "digits-benchmark", args.name),
-        max_steps=args.max_steps,
-        seed=args.seed,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        logging_steps=5,
-        eval_strategy="steps",
-        eval_steps=args.eval_every,
-        **settings,
-    )
+    digit_accuracy = digit_accuracy_reward(args.shuffle_rewards, args.seed)
+    config = run_config("digits-benchmark", args, settings)
     os.makedirs(args.results_dir, exist_ok=True)
-    result = {
-        "name": args.name,
-        "model": args.model,
-        "settings": settings,
-        "shuffle_rewards": args.shuffle_rewards,
-        "seed": args.seed,
-        "torch_threads": torch.get_num_threads(),
-    }
+    result = run_record(args, args.model, settings)
     evaluation = RecordEvaluations(os.path.join(args.results_dir, f"{args.name}.json"), result)
     trainer = DiffusionNFTTrainer(
         args.model,

@@ -14,27 +14,26 @@ sharpness and diversity, with a grid of the latest evaluation's edits beside the
 
 import argparse
 import os
-import random
 import sys
-import tempfile
 
 import torch
-import yaml
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "digits"))
-from run import SCRIPT_KEYS, RecordEvaluations, diversity, parse_value, sharpness  # noqa: E402  (../digits/run.py)
+from run import (  # noqa: E402  (../digits/run.py)
+    RecordEvaluations,
+    digit_accuracy_reward,
+    diversity,
+    parse_value,
+    preset_settings,
+    run_config,
+    run_record,
+    sharpness,
+)
 
-from trl_nft import DiffusionNFTTrainer, NFTConfig  # noqa: E402
-from trl_nft.embedded import model_preset  # noqa: E402
+from trl_nft import DiffusionNFTTrainer  # noqa: E402
 from trl_nft.prompts.digits_edit import digits_edit_prompts  # noqa: E402
-from trl_nft.rewards import get_reward  # noqa: E402
-
-
-def preset_settings() -> dict:
-    with open(model_preset("digits-edit")) as file:
-        return {key: value for key, value in yaml.safe_load(file).items() if key not in SCRIPT_KEYS}
 
 
 def main() -> None:
@@ -49,37 +48,12 @@ def main() -> None:
     args = parser.parse_args()
 
     overrides = dict(item.split("=", 1) for item in args.set)
-    settings = {**preset_settings(), **{key: parse_value(value) for key, value in overrides.items()}}
+    settings = {**preset_settings("digits-edit"), **{key: parse_value(value) for key, value in overrides.items()}}
     torch.manual_seed(args.seed)
-    reward, rng = get_reward("digit_accuracy"), random.Random(args.seed)
-
-    def digit_accuracy(images, prompts, **columns):
-        values = reward(images, prompts, **columns)
-        if args.shuffle_rewards:  # same reward distribution, no link to the images
-            rng.shuffle(values)
-        return values
-
-    config = NFTConfig(
-        output_dir=os.path.join(tempfile.gettempdir(), "digits-edit-benchmark", args.name),
-        max_steps=args.max_steps,
-        seed=args.seed,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-        logging_steps=5,
-        eval_strategy="steps",
-        eval_steps=args.eval_every,
-        **settings,
-    )
+    digit_accuracy = digit_accuracy_reward(args.shuffle_rewards, args.seed)
+    config = run_config("digits-edit-benchmark", args, settings)
     os.makedirs(args.results_dir, exist_ok=True)
-    result = {
-        "name": args.name,
-        "model": "digits-edit",
-        "settings": settings,
-        "shuffle_rewards": args.shuffle_rewards,
-        "seed": args.seed,
-        "torch_threads": torch.get_num_threads(),
-    }
+    result = run_record(args, "digits-edit", settings)
     evaluation = RecordEvaluations(os.path.join(args.results_dir, f"{args.name}.json"), result)
     trainer = DiffusionNFTTrainer(
         "digits-edit",
