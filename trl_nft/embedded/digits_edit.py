@@ -41,6 +41,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5Tokeniz
 from ..prompts.digits_edit import DIGIT_IMAGES_PATH, INSTRUCTIONS, edit_target, save_source_digits
 from ..rewards.digit_models import DIGITS_RESOLUTION, load_classifier, load_judge, to_grayscale
 from .digits_sd3 import DIGITS_SD3_PATH, _batches, load_digit_images, write_build_info
+from .tiny_flux import FLUX_SCHEDULER_CONFIG
 
 
 DIGITS_EDIT_PATH = os.path.join(os.path.dirname(__file__), "digits_edit")
@@ -89,15 +90,8 @@ def build_pipeline(text_encoders_path: str = DIGITS_SD3_PATH) -> FluxKontextPipe
     def load(model_class, subfolder):
         return model_class.from_pretrained(text_encoders_path, subfolder=subfolder)
 
-    # FLUX.1's scheduler config: the shift follows the target's sequence length (16 tokens here: about 1.6).
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    # FLUX.1's: the shift follows the target's sequence length (16 tokens here: about 1.6).
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
     pipeline = FluxKontextPipeline(
         scheduler=scheduler,
         vae=load(AutoencoderKL, "vae").eval(),

@@ -17,6 +17,18 @@ TINY_FLUX_RESOLUTION = 64
 _LATENT_CHANNELS = 4  # packed 2 x 2: the transformer sees 16 channels per token
 
 
+#: FLUX.1-dev's `scheduler/scheduler_config.json`: the shift grows with the image sequence length (`mu`, which the
+#: pipeline sets).
+FLUX_SCHEDULER_CONFIG = dict(
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
+)
+
+
 def build_tiny_flux(seed: int = 0, guidance_embeds: bool = True) -> FluxPipeline:
     """Build the tiny FLUX.1 pipeline (64 px, 4 latent channels, VAE scale 8, so 4 x 4 packed tokens) with weights
     fixed by `seed`; `guidance_embeds` gives it FLUX.1-dev's guidance input (else it is schnell-like)."""
@@ -46,15 +58,7 @@ def tiny_flux_pipeline(pipeline_class: type[DiffusionPipeline], seed: int, guida
             axes_dims_rope=(4, 6, 6),  # text/time, height, width: they sum to the head dimension
         )
         vae = tiny_vae(latent_channels=_LATENT_CHANNELS, scaling_factor=0.3611, shift_factor=0.1159)  # FLUX.1's
-    # FLUX.1-dev's scheduler config: the shift grows with the image sequence length (`mu`, set by the pipeline).
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER_CONFIG)
     pipeline = pipeline_class(
         scheduler=scheduler,
         vae=vae,

@@ -12,6 +12,7 @@ from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from .tiny import _as_loaded, tiny_vae
+from .tiny_flux import FLUX_SCHEDULER_CONFIG
 from .tiny_qwen_image import _qwen3_tokenizer
 
 
@@ -21,17 +22,9 @@ _TEXT_DIM = 16  # the text encoder's hidden size; the pipeline concatenates thre
 #: The pipeline concatenates the hidden states after layers 9, 18 and 27 (`text_encoder_out_layers`): the encoder
 #: needs at least 27 layers; 28 keep layer 27's intermediate, as in Qwen3-4B's 36.
 _TEXT_LAYERS = 28
-#: FLUX.2's `scheduler/scheduler_config.json` (diffusers' FLUX.2 checkpoints; the rest are diffusers' defaults): the
+#: FLUX.2's `scheduler/scheduler_config.json` (diffusers' FLUX.2 checkpoints): FLUX.1's, but the
 #: shift is exponential in `mu`, which `Flux2KleinPipeline` computes from the image sequence length and the steps.
-_SCHEDULER_CONFIG = dict(
-    shift=3.0,
-    use_dynamic_shifting=True,
-    base_shift=0.5,
-    max_shift=1.15,
-    base_image_seq_len=256,
-    max_image_seq_len=4096,
-    time_shift_type="exponential",
-)
+_SCHEDULER_CONFIG = dict(FLUX_SCHEDULER_CONFIG, time_shift_type="exponential")
 
 
 def build_tiny_flux2_klein(seed: int = 0, is_distilled: bool = True) -> Flux2KleinPipeline:
