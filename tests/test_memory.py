@@ -10,7 +10,7 @@ from PIL import Image
 from test_quantization import write_gguf
 from torch.profiler import ProfilerActivity, profile
 
-from trl_nft import DiffusionNFTTrainer, NFTConfig
+from trl_nft import DiffusionNFTTrainer
 from trl_nft.cli import main
 from trl_nft.embedded import EMBEDDED_MODELS
 from trl_nft.memory import (
@@ -26,34 +26,25 @@ from trl_nft.models import MODEL_ALIASES, load_pipeline
 from trl_nft.quantization import Quantization
 
 
-def _config(tmp_path, **overrides) -> NFTConfig:
-    settings = dict(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=4,
-        num_generations=4,
-        num_inference_steps=2,
-        lora_r=4,
-        lora_alpha=8,
-        max_steps=1,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
-    )
-    return NFTConfig(**{**settings, **overrides})
-
-
 @pytest.mark.parametrize(
     "model", ["tiny-flux", "tiny-qwen-image", "tiny-sd3", "tiny-qwen-image-edit-plus", "tiny-sdxl"]
 )
 @pytest.mark.parametrize(
     "quantization", [None, Quantization("int8-weight-only", text_encoders=True), Quantization("fp8-weight-only")]
 )
-def test_predicted_weight_bytes_equal_the_loaded_models_bytes(tmp_path, model, quantization):
+def test_predicted_weight_bytes_equal_the_loaded_models_bytes(tmp_path, model, quantization, make_config):
     """Every component, in bf16 or quantized as `trl_nft.quantization` loads it (the unquantized pipeline saved and
     loaded too, as a Hub model loads), to the byte."""
     method = quantization and quantization.method
     text_encoders = bool(quantization and quantization.text_encoders)
-    args = _config(tmp_path, bf16=True, use_cpu=True, quantization=method, quantize_text_encoders=text_encoders)
+    args = make_config(
+        num_inference_steps=2,
+        max_steps=1,
+        bf16=True,
+        use_cpu=True,
+        quantization=method,
+        quantize_text_encoders=text_encoders,
+    )
     estimate = estimate_memory(model, args)
     if quantization is None:  # loaded as a Hub model is (the embedded builder's `.to(dtype)` casts more buffers)
         built = EMBEDDED_MODELS[model]()
@@ -65,17 +56,19 @@ def test_predicted_weight_bytes_equal_the_loaded_models_bytes(tmp_path, model, q
     assert {name: value for name, (_, value) in estimate.weights.items()} == measured
 
 
-def test_predicted_gguf_bytes_follow_the_files_types(tmp_path):
+def test_predicted_gguf_bytes_follow_the_files_types(tmp_path, make_config):
     path = tmp_path / "tiny-flux-Q4_0.gguf"
     write_gguf(EMBEDDED_MODELS["tiny-flux"]().transformer, path, gguf.GGMLQuantizationType.Q4_0)
-    args = _config(tmp_path, bf16=True, use_cpu=True, quantization="gguf", gguf_file=str(path))
+    args = make_config(
+        num_inference_steps=2, max_steps=1, bf16=True, use_cpu=True, quantization="gguf", gguf_file=str(path)
+    )
     estimate = estimate_memory("tiny-flux", args)
     pipeline = load_pipeline("tiny-flux", torch.bfloat16, Quantization("gguf", gguf_file=str(path)))
     assert estimate.weights["transformer"] == ("gguf F16, Q4_0", module_bytes(pipeline.transformer))
 
 
-def test_predicted_lora_and_optimizer_bytes_equal_the_trainers(tmp_path, prompts_dataset):
-    args = _config(tmp_path, optim="adamw_torch")
+def test_predicted_lora_and_optimizer_bytes_equal_the_trainers(tmp_path, prompts_dataset, make_config):
+    args = make_config(num_inference_steps=2, max_steps=1, optim="adamw_torch")
     estimate = estimate_memory("tiny-flux", args)
     trainer = DiffusionNFTTrainer("tiny-flux", "jpeg_compressibility", args=args, train_dataset=prompts_dataset)
     trainer.train()
@@ -113,14 +106,20 @@ ACTIVATION_CASES = [
 
 @pytest.mark.parametrize(("model", "checkpointing", "quantization"), ACTIVATION_CASES)
 def test_predicted_activations_are_within_25_percent_of_the_profiled_peaks(
-    tmp_path, model, checkpointing, quantization
+    tmp_path, make_config, model, checkpointing, quantization
 ):
     """A training micro-step of the trainer (the frozen policies' forward, then the policy's forward and backward) and
     a rollout forward, in float32 on the CPU, profiled; measured here: 0.81-1.19 of the profiled peaks for the
     micro-step (1.02-1.07 on a torchao int8 base, whose dequantized weight copies the backward keeps), 0.80-1.00
     for the rollout forward (Qwen-Image's 0.80, with or without the int8 base), over FLUX.1, FLUX.2-klein, Qwen-Image,
     SD3, SD 1.x, SDXL, SANA, Z-Image and Wan 2.1 (text- and image-to-video)."""
-    args = _config(tmp_path, activation_checkpointing=bool(checkpointing), ema_decay=0.0, quantization=quantization)
+    args = make_config(
+        num_inference_steps=2,
+        max_steps=1,
+        activation_checkpointing=bool(checkpointing),
+        ema_decay=0.0,
+        quantization=quantization,
+    )
     columns = {"prompt": [f"a photo of object number {i} " * 20 for i in range(4)]}
     if model == "tiny-wan-i2v":  # it animates an image
         columns["image"] = [Image.new("RGB", (32, 32), (40 * i, 90, 160)) for i in range(4)]
